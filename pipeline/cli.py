@@ -1,0 +1,144 @@
+"""The ``meshline`` command: run, status, dag, submit, ui (the contract in DESIGN.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict
+
+from pipeline import executor, storage
+from pipeline.config import ConfigError, PipelineConfig, load_config
+
+log = logging.getLogger("meshline")
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="pipeline YAML, e.g. configs/demo.yaml")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value by its dotted path (repeatable)",
+    )
+
+
+def _add_selection_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--stage",
+        dest="stages",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="run only this stage and the unfinished stages it needs (repeatable)",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="discard the selected stages' outputs and redo them"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshline", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run the pipeline, or selected stages")
+    _add_config_args(run)
+    _add_selection_args(run)
+    status = commands.add_parser("status", help="state of every stage")
+    _add_config_args(status)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    dag = commands.add_parser("dag", help="the stage graph as text")
+    _add_config_args(dag)
+    submit = commands.add_parser("submit", help="run on a Ray cluster through the Jobs API")
+    _add_config_args(submit)
+    _add_selection_args(submit)
+    submit.add_argument("--address", required=True, help="Ray dashboard, http://HEAD:8265")
+    submit.add_argument("--wait", action="store_true", help="stream logs until the job ends")
+    ui = commands.add_parser("ui", help="the MLflow UI on the pipeline's tracking store")
+    _add_config_args(ui)
+    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--host", default="127.0.0.1")
+    return parser
+
+
+def cmd_run(config: PipelineConfig, args: argparse.Namespace) -> int:
+    started = time.time()
+    results = executor.run_pipeline(config, args.stages, args.force, " ".join(sys.argv))
+    print(f"\nmeshline run {config.name}: {time.time() - started:.1f}s")
+    failed = 0
+    for name, result in results.items():
+        if isinstance(result, executor.Outcome):
+            verb = "reused" if result.reused else "done"
+            print(f"  {name:<10} {verb:<8} {result.seconds:7.1f}s  {result.upstream.uri}")
+        else:
+            failed += 1
+            print(f"  {name:<10} FAILED    {str(result).strip().splitlines()[-1]}")
+    return 1 if failed else 0
+
+
+def cmd_status(config: PipelineConfig, args: argparse.Namespace) -> int:
+    reports = executor.report(config)
+    if args.json:
+        print(json.dumps([asdict(r) for r in reports], indent=1))
+        return 0
+    for r in reports:
+        run = r.mlflow_run_id or "-"
+        print(f"{r.stage:<10} {r.state:<8} {r.fingerprint}  run {run}  {r.output}")
+        if r.detail:
+            print(f"{'':<10} {r.detail}")
+    return 0
+
+
+def cmd_dag(config: PipelineConfig, args: argparse.Namespace) -> int:
+    planned = executor.plan(config)
+    for name, stage in planned.items():
+        needs = f"  <- {', '.join(stage.inputs)}" if stage.inputs else ""
+        print(f"{name}{needs}")
+        print(f"    {stage.output}")
+    return 0
+
+
+def cmd_submit(config: PipelineConfig, args: argparse.Namespace) -> int:
+    from pipeline.submit import submit
+
+    return submit(config, args)
+
+
+def cmd_ui(config: PipelineConfig, args: argparse.Namespace) -> int:
+    uri = config.resolved_tracking_uri()
+    mlflow = shutil.which("mlflow") or "mlflow"
+    argv = [mlflow, "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
+    print(f"MLflow UI for {config.name} on http://{args.host}:{args.port}", flush=True)
+    os.execv(mlflow, argv)
+    return 0
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "status": cmd_status,
+    "dag": cmd_dag,
+    "submit": cmd_submit,
+    "ui": cmd_ui,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as error:
+        print(f"meshline: {error}", file=sys.stderr)
+        return 2
+    if not storage.is_gcs(config.root):
+        config = config.model_copy(update={"root": config.stage_root()})
+    return COMMANDS[args.command](config, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

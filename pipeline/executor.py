@@ -1,0 +1,321 @@
+"""Plans the stage graph, decides what is done, and runs stages as restartable Ray actors.
+
+Each stage runs in its own actor; the driver hands every actor the ObjectRefs of its
+upstream stages' outcomes, so Ray resolves the graph and independent stages run at the
+same time. The decision to reuse, resume or redo a stage is made inside its actor, once
+its upstream digests are known:
+
+- SUCCESS and the upstream digests it read equal the current ones: reused.
+- SUCCESS with different upstream digests (STALE), or ``--force``: output discarded, redone.
+- anything else (no status, FAILED, a RUNNING lease whose runner died): resumed from
+  the ledger, so committed units are not redone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+
+import ray
+
+from pipeline import lineage, storage
+from pipeline.config import PipelineConfig
+from pipeline.ledger import META_DIR, Ledger
+from pipeline.stage import REGISTRY, StageContext, Upstream, fingerprint
+from pipeline.status import FAILED, RUNNING, SUCCESS, Lease, is_stale, read_status
+
+log = logging.getLogger("meshline")
+
+DONE, STALE, PENDING = "DONE", "STALE", "PENDING"
+
+
+@dataclass(frozen=True)
+class PlannedStage:
+    name: str
+    inputs: tuple[str, ...]
+    fingerprint: str
+    output: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a stage actor returns: enough for downstream stages and the summary."""
+
+    upstream: Upstream
+    run_id: str
+    reused: bool
+    seconds: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StageReport:
+    """A stage's state as ``meshline status`` shows it."""
+
+    stage: str
+    state: str
+    output: str
+    fingerprint: str
+    mlflow_run_id: str | None
+    digest: str | None
+    detail: str = ""
+
+
+def plan(config: PipelineConfig) -> dict[str, PlannedStage]:
+    """Every configured stage in dependency order, with its fingerprint and output dir."""
+    planned: dict[str, PlannedStage] = {}
+    visiting: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in planned:
+            return
+        if name in visiting:
+            raise ValueError(f"stage graph has a cycle through {name!r}")
+        visiting.add(name)
+        spec = REGISTRY[name]
+        for upstream in spec.inputs:
+            visit(upstream)
+        fp = fingerprint(config.stages[name], [planned[u].fingerprint for u in spec.inputs])
+        output = storage.join(config.stage_root(), f"{name}-{fp}")
+        planned[name] = PlannedStage(name, spec.inputs, fp, output)
+
+    for name in config.stages:
+        visit(name)
+    return planned
+
+
+def select(planned: dict[str, PlannedStage], names: list[str]) -> list[str]:
+    """The named stages plus everything upstream of them, in dependency order."""
+    unknown = [n for n in names if n not in planned]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; this config has {list(planned)}")
+    wanted: set[str] = set()
+    stack = list(names or planned)
+    while stack:
+        name = stack.pop()
+        if name not in wanted:
+            wanted.add(name)
+            stack.extend(planned[name].inputs)
+    return [n for n in planned if n in wanted]
+
+
+def report(config: PipelineConfig) -> list[StageReport]:
+    """The state of every stage, read from the status files (no Ray needed)."""
+    reports: dict[str, StageReport] = {}
+    for name, stage in plan(config).items():
+        status = read_status(stage.output)
+        state, detail = PENDING, ""
+        if status is None:
+            detail = "not started"
+        elif status.state == RUNNING:
+            running = not is_stale(status, config.lease_seconds)
+            state = RUNNING if running else PENDING
+            detail = f"pid {status.pid} on {status.host}" if running else "interrupted"
+        elif status.state == FAILED:
+            state, detail = FAILED, (status.error or "").strip().rpartition("\n")[2]
+        else:
+            upstream = {u: reports[u] for u in stage.inputs}
+            changed = [u for u, r in upstream.items() if status.inputs.get(u) != r.digest]
+            blocked = [u for u, r in upstream.items() if r.state != DONE]
+            state = STALE if changed or blocked else DONE
+            if changed:
+                detail = f"upstream changed: {', '.join(changed)}"
+            elif blocked:
+                detail = f"upstream not done: {', '.join(blocked)}"
+        reports[name] = StageReport(
+            name,
+            state,
+            stage.output,
+            stage.fingerprint,
+            status.mlflow_run_id if status else None,
+            status.digest if status and status.state == SUCCESS else None,
+            detail,
+        )
+    return list(reports.values())
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """One ``meshline run``: identifies its leases and links its MLflow runs."""
+
+    id: str
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+
+
+@ray.remote
+class StageActor:
+    """Runs one stage. Ray restarts it if its process dies; the retried call resumes."""
+
+    def __init__(self, config: PipelineConfig):
+        import importlib
+
+        for module in config.stage_modules:
+            importlib.import_module(module)
+        self.config = config
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    def execute(
+        self, invocation: Invocation, stage: PlannedStage, force: bool, *upstream: Outcome
+    ) -> Outcome:
+        return execute_stage(self.config, invocation, stage, force, [o.upstream for o in upstream])
+
+
+def execute_stage(
+    config: PipelineConfig,
+    invocation: Invocation,
+    stage: PlannedStage,
+    force: bool,
+    inputs: list[Upstream],
+) -> Outcome:
+    """Reuse, resume or redo one stage (see the module docstring)."""
+    started = time.time()
+    digests = {u.stage: u.digest for u in inputs}
+    status = read_status(stage.output)
+    ours = status is not None and status.invocation == invocation.id
+    if status and status.state == SUCCESS and (ours or (not force and status.inputs == digests)):
+        run_id = status.mlflow_run_id or ""
+        if not ours:
+            run_id = lineage.log_reused(
+                invocation.tracking_uri,
+                invocation.experiment_id,
+                invocation.parent_run_id,
+                stage.name,
+                stage.fingerprint,
+                stage.output,
+                status.mlflow_run_id,
+            )
+            log.info("%s: reused %s", stage.name, stage.output)
+        upstream = Upstream(stage.name, stage.output, stage.fingerprint, status.digest or "")
+        return Outcome(upstream, run_id, not ours, time.time() - started, status.metrics)
+    if status and not ours and (force or status.state == SUCCESS):
+        log.info("%s: discarding %s (%s)", stage.name, stage.output, "forced" if force else "stale")
+        storage.delete(stage.output, recursive=True)
+    return _produce(config, invocation, stage, inputs, started)
+
+
+def _produce(
+    config: PipelineConfig,
+    invocation: Invocation,
+    stage: PlannedStage,
+    inputs: list[Upstream],
+    started: float,
+) -> Outcome:
+    spec = REGISTRY[stage.name]
+    stage_config = config.stages[stage.name]
+    lease = Lease(stage.output, invocation.id, config.lease_seconds).acquire()
+    if lease.previous and lease.previous.state == RUNNING and lease.previous.mlflow_run_id:
+        lineage.mark_killed(invocation.tracking_uri, lease.previous.mlflow_run_id)
+    lease.status.inputs = {u.stage: u.digest for u in inputs}
+    _write_resolved_config(stage, stage_config.model_dump(mode="json"), inputs)
+    try:
+        with lineage.stage_run(
+            invocation.tracking_uri,
+            invocation.experiment_id,
+            invocation.parent_run_id,
+            stage.name,
+            stage.fingerprint,
+            stage.output,
+            stage_config.model_dump(mode="json"),
+            inputs,
+        ) as run:
+            lease.status.mlflow_run_id = run.run_id
+            ledger = Ledger(stage.output)
+            context = StageContext(
+                name=stage.name,
+                config=stage_config,
+                output=stage.output,
+                inputs={u.stage: u for u in inputs},
+                ledger=ledger,
+                pipeline_root=config.stage_root(),
+                log_metrics=run.log_metrics,
+            )
+            log.info("%s: producing %s", stage.name, stage.output)
+            spec.run(context)
+            digest = ledger.digest()
+            lineage.tag_digest(invocation.tracking_uri, run.run_id, digest)
+    except BaseException:
+        lease.release(FAILED, error=traceback.format_exc(limit=5))
+        raise
+    lease.release(SUCCESS, digest=digest, metrics=context.metrics)
+    upstream = Upstream(stage.name, stage.output, stage.fingerprint, digest)
+    return Outcome(upstream, run.run_id, False, time.time() - started, context.metrics)
+
+
+def _write_resolved_config(stage: PlannedStage, config: dict, inputs: list[Upstream]) -> None:
+    payload = {
+        "stage": stage.name,
+        "fingerprint": stage.fingerprint,
+        "config": config,
+        "inputs": [u.__dict__ for u in inputs],
+    }
+    uri = storage.join(stage.output, META_DIR, "config.json")
+    storage.write_atomic(uri, json.dumps(payload, indent=1).encode())
+
+
+def connect(config: PipelineConfig) -> None:
+    """Join the configured cluster (or RAY_ADDRESS), else start a local one."""
+    if ray.is_initialized():
+        return
+    address = config.ray_address or os.environ.get("RAY_ADDRESS") or "local"
+    ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+
+
+def run_pipeline(
+    config: PipelineConfig, stages: list[str], force: bool, command: str
+) -> dict[str, Outcome | BaseException]:
+    """Run the selected stages (and what they need); returns each stage's outcome or error."""
+    planned = plan(config)
+    order = select(planned, stages)
+    forced = set(stages or order) if force else set()
+    tracking_uri = config.resolved_tracking_uri()
+    if not storage.is_gcs(config.root):
+        os.makedirs(config.stage_root(), exist_ok=True)
+    artifacts = storage.join(config.stage_root(), "mlartifacts")
+    experiment_id = lineage.create_experiment(tracking_uri, config.name, artifacts)
+    invocation_id = uuid.uuid4().hex[:12]
+    parent = lineage.start_parent_run(tracking_uri, experiment_id, invocation_id, command)
+    invocation = Invocation(invocation_id, tracking_uri, experiment_id, parent)
+    connect(config)
+    refs: dict[str, ray.ObjectRef] = {}
+    for name in order:
+        actor = StageActor.options(
+            num_cpus=REGISTRY[name].num_cpus,
+            max_restarts=config.max_restarts,
+            max_task_retries=config.max_restarts,
+        ).remote(config)
+        upstream_refs = [refs[u] for u in planned[name].inputs]
+        refs[name] = actor.execute.remote(invocation, planned[name], name in forced, *upstream_refs)
+    results = _collect(refs, planned)
+    ok = all(isinstance(r, Outcome) for r in results.values())
+    lineage.end_run(tracking_uri, parent, ok)
+    return results
+
+
+def _collect(
+    refs: dict[str, ray.ObjectRef], planned: dict[str, PlannedStage]
+) -> dict[str, Outcome | BaseException]:
+    """Wait for every stage, logging each as it ends; failures do not stop the others."""
+    names = {ref: name for name, ref in refs.items()}
+    results: dict[str, Outcome | BaseException] = {}
+    pending = list(refs.values())
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        name = names[done[0]]
+        try:
+            outcome = ray.get(done[0])
+        except ray.exceptions.RayError as error:
+            results[name] = error
+            if not any(isinstance(results.get(u), BaseException) for u in planned[name].inputs):
+                log.error("%s: FAILED\n%s", name, error)
+            continue
+        results[name] = outcome
+        verb = "reused" if outcome.reused else "done"
+        log.info("%s: %s in %.1fs -> %s", name, verb, outcome.seconds, outcome.upstream.uri)
+    return {name: results[name] for name in refs}

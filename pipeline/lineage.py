@@ -1,0 +1,181 @@
+"""MLflow lineage: an experiment per pipeline, a parent run per ``meshline run``, a child
+run per stage.
+
+The driver creates the store, the experiment and the parent run before any stage starts
+(SQLite has one writer at a time); afterwards only stage actors write, each to its own
+child run. A child run carries the stage's flattened config as params, its fingerprint
+and output URI as tags, every upstream output as an input dataset whose digest is our
+content digest, and the stage's measurements as metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID
+
+from pipeline import storage
+from pipeline.stage import Upstream
+
+TAG_STAGE = "meshline.stage"
+TAG_FINGERPRINT = "meshline.fingerprint"
+TAG_OUTPUT = "meshline.output_uri"
+TAG_REUSED = "meshline.reused"
+TAG_REUSED_FROM = "meshline.reused_from_run_id"
+TAG_DIGEST = "meshline.output_digest"
+TAG_INVOCATION = "meshline.invocation"
+MAX_PARAM_CHARS = 6000
+MLFLOW_DIGEST_CHARS = 32
+"""MLflow caps dataset digests at 36 characters; the full sha256 goes in the profile."""
+_SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|api_?key)", re.IGNORECASE)
+
+
+def redact_url(url: str) -> str:
+    """``url`` without userinfo or query string, the usual places where credentials hide."""
+    url = re.sub(r"(?<=://)[^/@\s]+@", "***@", url)
+    return re.sub(r"\?\S*", "?***", url)
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> ``{"a.b": "value"}`` with secrets and URL credentials redacted."""
+    flat: dict[str, str] = {}
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, path + "."))
+        elif _SECRET_KEY.search(key) and value:
+            flat[path] = "***"
+        else:
+            text = value if isinstance(value, str) else json.dumps(value)
+            flat[path] = redact_url(text)[:MAX_PARAM_CHARS]
+    return flat
+
+
+def create_experiment(tracking_uri: str, name: str, artifact_location: str) -> str:
+    """Create (or find) the pipeline's experiment; the driver calls this before stages."""
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment:
+        return experiment.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_location)
+
+
+def start_parent_run(tracking_uri: str, experiment_id: str, invocation: str, argv: str) -> str:
+    client = MlflowClient(tracking_uri)
+    tags = {TAG_INVOCATION: invocation, "meshline.command": redact_url(argv)}
+    run = client.create_run(experiment_id, tags=tags, run_name=f"pipeline-{invocation}")
+    return run.info.run_id
+
+
+def end_run(tracking_uri: str, run_id: str, ok: bool) -> None:
+    status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
+    MlflowClient(tracking_uri).set_terminated(run_id, status)
+
+
+class StageRun:
+    """One stage's child run; stage code logs metrics through ``log_metrics``."""
+
+    def __init__(self, client: MlflowClient, run_id: str):
+        self.client = client
+        self.run_id = run_id
+        self._step = 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        now = int(time.time() * 1000)
+        step = self._step if step is None else step
+        self._step = step + 1
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+
+def _child_run(
+    client: MlflowClient,
+    experiment_id: str,
+    parent_run_id: str,
+    stage: str,
+    fingerprint: str,
+    output: str,
+) -> str:
+    tags = {
+        MLFLOW_PARENT_RUN_ID: parent_run_id,
+        TAG_STAGE: stage,
+        TAG_FINGERPRINT: fingerprint,
+        TAG_OUTPUT: redact_url(output),
+    }
+    return client.create_run(experiment_id, tags=tags, run_name=stage).info.run_id
+
+
+def _dataset(upstream: Upstream) -> DatasetInput:
+    dataset = Dataset(
+        name=f"{upstream.stage}-{upstream.fingerprint}",
+        digest=upstream.digest[:MLFLOW_DIGEST_CHARS],
+        source_type="gcs" if storage.is_gcs(upstream.uri) else "local",
+        source=json.dumps({"uri": redact_url(upstream.uri)}),
+        profile=json.dumps(
+            {"stage": upstream.stage, "fingerprint": upstream.fingerprint, "digest": upstream.digest}
+        ),
+    )
+    return DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, "input")])
+
+
+@contextmanager
+def stage_run(
+    tracking_uri: str,
+    experiment_id: str,
+    parent_run_id: str,
+    stage: str,
+    fingerprint: str,
+    output: str,
+    config: dict[str, Any],
+    inputs: list[Upstream],
+) -> Iterator[StageRun]:
+    """A child run that ends FINISHED when the block succeeds and FAILED when it raises."""
+    client = MlflowClient(tracking_uri)
+    run_id = _child_run(client, experiment_id, parent_run_id, stage, fingerprint, output)
+    params = [Param(k, v) for k, v in sorted(flatten(config).items())]
+    for start in range(0, len(params), 100):
+        client.log_batch(run_id, params=params[start : start + 100])
+    if inputs:
+        client.log_inputs(run_id, datasets=[_dataset(u) for u in inputs])
+    try:
+        yield StageRun(client, run_id)
+    except BaseException:
+        end_run(tracking_uri, run_id, ok=False)
+        raise
+    end_run(tracking_uri, run_id, ok=True)
+
+
+def log_reused(
+    tracking_uri: str,
+    experiment_id: str,
+    parent_run_id: str,
+    stage: str,
+    fingerprint: str,
+    output: str,
+    producer_run_id: str | None,
+) -> str:
+    """A child run for a stage that was already done: tagged reused, linked to its producer."""
+    client = MlflowClient(tracking_uri)
+    run_id = _child_run(client, experiment_id, parent_run_id, stage, fingerprint, output)
+    tags = [RunTag(TAG_REUSED, "true"), RunTag(TAG_REUSED_FROM, producer_run_id or "")]
+    client.log_batch(run_id, tags=tags)
+    end_run(tracking_uri, run_id, ok=True)
+    return run_id
+
+
+def tag_digest(tracking_uri: str, run_id: str, digest: str) -> None:
+    MlflowClient(tracking_uri).set_tag(run_id, TAG_DIGEST, digest)
+
+
+def mark_killed(tracking_uri: str, run_id: str) -> None:
+    """End a child run whose runner died (found when a rerun takes over its lease)."""
+    client = MlflowClient(tracking_uri)
+    if client.get_run(run_id).info.status == "RUNNING":
+        client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))

@@ -1,0 +1,96 @@
+"""What a stage is: a frozen typed config, its upstream stages, and a function of its inputs.
+
+Stage modules register themselves with ``@register``; the executor knows stages only
+through this registry, never through their internals.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from pipeline.ledger import Ledger
+
+
+class StageConfig(BaseModel):
+    """Base of every stage's config: frozen, unknown keys rejected, documented fields."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+    volatile_fields: ClassVar[frozenset[str]] = frozenset()
+    """Fields that change how a stage runs but not what it produces (worker counts,
+    progress): left out of the fingerprint so tuning them reuses finished outputs."""
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude=set(self.volatile_fields))
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """A finished upstream stage output, as a downstream stage sees it."""
+
+    stage: str
+    uri: str
+    fingerprint: str
+    digest: str
+    """Content digest of the upstream output (its ledger), recorded for STALE detection."""
+
+
+@dataclass
+class StageContext:
+    """Everything a stage's run function gets from the executor."""
+
+    name: str
+    config: StageConfig
+    output: str
+    """The stage's output directory ``{root}/{stage}-{fingerprint}``."""
+    inputs: dict[str, Upstream]
+    ledger: Ledger
+    pipeline_root: str
+    """The pipeline's root, for stages that keep a shared cache (the demo mirror)."""
+    log_metrics: Callable[[dict[str, float]], None] = lambda metrics: None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def record(self, **metrics: float) -> None:
+        """Log final measurements of this stage (kept in status and MLflow)."""
+        self.metrics.update(metrics)
+        self.log_metrics(metrics)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    config_cls: type[StageConfig]
+    inputs: tuple[str, ...]
+    run: Callable[[StageContext], None]
+    num_cpus: float = 0
+    """CPUs the stage actor reserves; its Ray tasks and pools reserve their own."""
+
+
+REGISTRY: dict[str, StageSpec] = {}
+
+
+def register(
+    name: str, config_cls: type[StageConfig], inputs: tuple[str, ...] = ()
+) -> Callable[[Callable[[StageContext], None]], Callable[[StageContext], None]]:
+    """Register the decorated function as stage ``name`` reading the outputs of ``inputs``."""
+
+    def wrap(fn: Callable[[StageContext], None]) -> Callable[[StageContext], None]:
+        REGISTRY[name] = StageSpec(name, config_cls, inputs, fn)
+        return fn
+
+    return wrap
+
+
+def fingerprint(config: StageConfig, upstream_fingerprints: list[str]) -> str:
+    """Hash of the stage's own config and its upstream fingerprints (not the code)."""
+    payload = json.dumps(
+        {"config": config.fingerprint_fields(), "upstream": upstream_fingerprints},
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:12]

@@ -1,0 +1,58 @@
+"""Two tiny stages for executor tests: ``numbers`` writes units of integers and ``total``
+sums them. ``fail_unit`` makes a unit raise, to test failure and resume."""
+
+from __future__ import annotations
+
+import json
+
+from pydantic import Field
+
+from pipeline import storage
+from pipeline.stage import StageConfig, StageContext, register
+
+
+class NumbersConfig(StageConfig):
+    units: int = Field(default=3, ge=1)
+    """How many units (files) to write."""
+    per_unit: int = 5
+    """Integers per unit."""
+    offset: int = 0
+    """Added to every integer: changing it changes the output digest."""
+    fail_unit: int | None = None
+    """Raise while producing this unit."""
+    workers: int = 1
+    """Volatile: does not change the output."""
+
+    volatile_fields = frozenset({"workers", "fail_unit"})
+
+
+class TotalConfig(StageConfig):
+    scale: int = 1
+    """Multiplies the total."""
+
+
+@register("numbers", NumbersConfig)
+def run_numbers(ctx: StageContext) -> None:
+    config: NumbersConfig = ctx.config
+    written = 0
+    for i in range(config.units):
+        name = f"part-{i:02d}"
+        if ctx.ledger.is_committed(name):
+            continue
+        if config.fail_unit == i:
+            raise RuntimeError(f"unit {name} failed on purpose")
+        with ctx.ledger.unit(name) as unit, unit.open(f"{name}.json") as f:
+            values = [config.offset + i * config.per_unit + k for k in range(config.per_unit)]
+            f.write(json.dumps(values).encode())
+        written += 1
+    ctx.record(units_written=written)
+
+
+@register("total", TotalConfig, inputs=("numbers",))
+def run_total(ctx: StageContext) -> None:
+    source = ctx.inputs["numbers"].uri
+    files = [f for f in storage.list_files(source) if f.endswith(".json") and "/_meta/" not in f]
+    total = sum(sum(json.loads(storage.read_text(f))) for f in files) * ctx.config.scale
+    with ctx.ledger.unit("total") as unit, unit.open("total.txt") as f:
+        f.write(str(total).encode())
+    ctx.record(total=total)
