@@ -225,7 +225,7 @@ def _produce(
             stage_config.model_dump(mode="json"),
             inputs,
         ) as run:
-            lease.status.mlflow_run_id = run.run_id
+            lease.update(mlflow_run_id=run.run_id)
             ledger = Ledger(stage.output)
             context = StageContext(
                 name=stage.name,

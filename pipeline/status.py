@@ -108,13 +108,15 @@ class Lease:
             self.status.heartbeat = time.time()
             write_status(self.output, self.status)
 
+    def update(self, **fields: Any) -> None:
+        """Change fields of the held status and write it now."""
+        for key, value in fields.items():
+            setattr(self.status, key, value)
+        write_status(self.output, self.status)
+
     def release(self, state: str, **updates: Any) -> None:
         """Stop renewing and write the final state."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
-        self.status.state = state
-        self.status.finished = time.time()
-        for key, value in updates.items():
-            setattr(self.status, key, value)
-        write_status(self.output, self.status)
+        self.update(state=state, finished=time.time(), **updates)

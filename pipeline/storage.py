@@ -114,7 +114,7 @@ def open_file(uri: str, mode: str = "rb") -> IO[Any]:
             return blob.open("wb", ignore_flush=True)
         if "r" in mode:
             # Fail at open like a local file, and pin the generation that later chunked
-            # reads fetch, so a concurrent overwrite cannot mix two versions.
+            # reads fetch: a concurrent overwrite makes them fail instead of mixing versions.
             with _not_found_is_oserror(uri):
                 blob.reload()
         return blob.open(mode, encoding=encoding)

@@ -1,9 +1,12 @@
 """Two tiny stages for executor tests: ``numbers`` writes units of integers and ``total``
-sums them. ``fail_unit`` makes a unit raise, to test failure and resume."""
+sums them. Knobs let a test make a unit fail, kill the stage's own process once, or
+change the output without changing the fingerprint (as a code change would)."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 from pydantic import Field
 
@@ -17,13 +20,14 @@ class NumbersConfig(StageConfig):
     per_unit: int = 5
     """Integers per unit."""
     offset: int = 0
-    """Added to every integer: changing it changes the output digest."""
+    """Added to every integer. Volatile on purpose: it changes the output but not the
+    fingerprint, the way a code change does."""
     fail_unit: int | None = None
     """Raise while producing this unit."""
-    workers: int = 1
-    """Volatile: does not change the output."""
+    die_at_unit: int | None = None
+    """SIGKILL the stage's own process before this unit, once (a marker file remembers)."""
 
-    volatile_fields = frozenset({"workers", "fail_unit"})
+    volatile_fields = frozenset({"offset", "fail_unit", "die_at_unit"})
 
 
 class TotalConfig(StageConfig):
@@ -41,6 +45,10 @@ def run_numbers(ctx: StageContext) -> None:
             continue
         if config.fail_unit == i:
             raise RuntimeError(f"unit {name} failed on purpose")
+        marker = storage.join(ctx.output, "died-once")
+        if config.die_at_unit == i and not storage.exists(marker):
+            storage.write_atomic(marker, b"")
+            os.kill(os.getpid(), signal.SIGKILL)
         with ctx.ledger.unit(name) as unit, unit.open(f"{name}.json") as f:
             values = [config.offset + i * config.per_unit + k for k in range(config.per_unit)]
             f.write(json.dumps(values).encode())
