@@ -119,7 +119,11 @@ def _dataset(upstream: Upstream) -> DatasetInput:
         source_type="gcs" if storage.is_gcs(upstream.uri) else "local",
         source=json.dumps({"uri": redact_url(upstream.uri)}),
         profile=json.dumps(
-            {"stage": upstream.stage, "fingerprint": upstream.fingerprint, "digest": upstream.digest}
+            {
+                "stage": upstream.stage,
+                "fingerprint": upstream.fingerprint,
+                "digest": upstream.digest,
+            },
         ),
     )
     return DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, "input")])

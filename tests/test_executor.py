@@ -12,7 +12,7 @@ import pytest
 from pipeline import executor, lineage
 from pipeline.config import ConfigError, load_config, validate
 from pipeline.ledger import Ledger
-from pipeline.status import RUNNING, SUCCESS, Status, StageBusy, read_status, write_status
+from pipeline.status import RUNNING, SUCCESS, StageBusy, Status, read_status, write_status
 
 TOY = {"name": "toy", "stage_modules": ["tests.toystages"]}
 
