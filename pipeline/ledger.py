@@ -67,9 +67,13 @@ class UnitWriter:
         """Stream one output file of this unit; it is committed with the unit."""
         final = storage.join(self.output, relpath)
         tmp = storage.temp_name(final)
-        with storage.open_file(tmp, "wb") as raw:
-            hashing = _HashingWriter(raw)
-            yield hashing
+        try:
+            with storage.open_file(tmp, "wb") as raw:
+                hashing = _HashingWriter(raw)
+                yield hashing
+        except BaseException:
+            storage.delete(tmp)
+            raise
         self._pending.append((relpath, tmp, hashing))
 
     def _discard(self) -> None:
