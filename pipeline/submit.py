@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import os
 import shlex
 import shutil
 import tempfile
 
-import pipeline
-import stages
 from pipeline.config import PipelineConfig
 
 CONFIG_NAME = "pipeline.yaml"
@@ -33,16 +32,27 @@ def job_entrypoint(config: PipelineConfig, args: argparse.Namespace) -> str:
     return shlex.join(argv)
 
 
+def package_dirs(config: PipelineConfig) -> list[str]:
+    """Source directories of meshline and of every top-level package naming stages."""
+    top_level = dict.fromkeys(["pipeline", *(m.split(".")[0] for m in config.stage_modules)])
+    return [os.path.dirname(importlib.import_module(name).__file__) for name in top_level]
+
+
 def submit(config: PipelineConfig, args: argparse.Namespace) -> int:
+    from ray._private.authentication.authentication_token_setup import (
+        maybe_enable_token_auth_if_token_available,
+    )
     from ray.job_submission import JobStatus, JobSubmissionClient
 
+    # The Jobs client sends no token unless token mode is on in this process; turn it on
+    # when this machine has the cluster's token (RAY_AUTH_MODE, if set, still decides).
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
     client = JobSubmissionClient(args.address)
-    package_dirs = [os.path.dirname(m.__file__) for m in (pipeline, stages)]
     with tempfile.TemporaryDirectory(prefix="meshline-job-") as workdir:
         shutil.copy(args.config, os.path.join(workdir, CONFIG_NAME))
         job_id = client.submit_job(
             entrypoint=job_entrypoint(config, args),
-            runtime_env={"working_dir": workdir, "py_modules": package_dirs},
+            runtime_env={"working_dir": workdir, "py_modules": package_dirs(config)},
             metadata={"meshline.pipeline": config.name},
         )
     print(f"submitted {job_id} to {args.address}", flush=True)
