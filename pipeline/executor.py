@@ -235,6 +235,7 @@ def _produce(
                 ledger=ledger,
                 pipeline_root=config.stage_root(),
                 log_metrics=run.log_metrics,
+                log_sources=run.log_sources,
             )
             log.info("%s: producing %s", stage.name, stage.output)
             spec.run(context)

@@ -21,8 +21,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID
 
-from pipeline import storage
-from pipeline.stage import Upstream
+from pipeline.stage import Source, Upstream
 
 TAG_STAGE = "meshline.stage"
 TAG_FINGERPRINT = "meshline.fingerprint"
@@ -94,6 +93,10 @@ class StageRun:
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         self.client.log_batch(self.run_id, metrics=batch)
 
+    def log_sources(self, sources: list[Source]) -> None:
+        datasets = [_dataset(s.name, s.uri, s.digest, {}, "source") for s in sources]
+        self.client.log_inputs(self.run_id, datasets=datasets)
+
 
 def _child_run(
     client: MlflowClient,
@@ -112,21 +115,23 @@ def _child_run(
     return client.create_run(experiment_id, tags=tags, run_name=stage).info.run_id
 
 
-def _dataset(upstream: Upstream) -> DatasetInput:
+def _dataset(name: str, uri: str, digest: str, profile: dict, context: str) -> DatasetInput:
+    """An MLflow input dataset whose digest is ours (MLflow's own hashes 10k rows)."""
+    scheme = uri.partition("://")[0] if "://" in uri else "local"
     dataset = Dataset(
-        name=f"{upstream.stage}-{upstream.fingerprint}",
-        digest=upstream.digest[:MLFLOW_DIGEST_CHARS],
-        source_type="gcs" if storage.is_gcs(upstream.uri) else "local",
-        source=json.dumps({"uri": redact_url(upstream.uri)}),
-        profile=json.dumps(
-            {
-                "stage": upstream.stage,
-                "fingerprint": upstream.fingerprint,
-                "digest": upstream.digest,
-            },
-        ),
+        name=name,
+        digest=digest[:MLFLOW_DIGEST_CHARS],
+        source_type={"gs": "gcs", "file": "local"}.get(scheme, scheme),
+        source=json.dumps({"uri": redact_url(uri)}),
+        profile=json.dumps({**profile, "digest": digest}),
     )
-    return DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, "input")])
+    return DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+
+
+def _upstream_dataset(upstream: Upstream) -> DatasetInput:
+    profile = {"stage": upstream.stage, "fingerprint": upstream.fingerprint}
+    name = f"{upstream.stage}-{upstream.fingerprint}"
+    return _dataset(name, upstream.uri, upstream.digest, profile, "input")
 
 
 @contextmanager
@@ -147,7 +152,7 @@ def stage_run(
     for start in range(0, len(params), 100):
         client.log_batch(run_id, params=params[start : start + 100])
     if inputs:
-        client.log_inputs(run_id, datasets=[_dataset(u) for u in inputs])
+        client.log_inputs(run_id, datasets=[_upstream_dataset(u) for u in inputs])
     try:
         yield StageRun(client, run_id)
     except BaseException:

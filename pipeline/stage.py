@@ -41,6 +41,15 @@ class Upstream:
     """Content digest of the upstream output (its ledger), recorded for STALE detection."""
 
 
+@dataclass(frozen=True)
+class Source:
+    """An external input a stage read (a downloaded file), recorded as lineage."""
+
+    name: str
+    uri: str
+    digest: str
+
+
 @dataclass
 class StageContext:
     """Everything a stage's run function gets from the executor."""
@@ -54,6 +63,8 @@ class StageContext:
     pipeline_root: str
     """The pipeline's root, for stages that keep a shared cache (the demo mirror)."""
     log_metrics: Callable[[dict[str, float]], None] = lambda metrics: None
+    log_sources: Callable[[list[Source]], None] = lambda sources: None
+    """Record external inputs (beyond upstream stages) as MLflow input datasets."""
     metrics: dict[str, float] = field(default_factory=dict)
 
     def record(self, **metrics: float) -> None:

@@ -23,7 +23,7 @@ import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import ray
@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from pipeline import storage
 from pipeline.ledger import Ledger
-from pipeline.stage import StageConfig, StageContext, fingerprint, register
+from pipeline.stage import Source, StageConfig, StageContext, fingerprint, register
 from stages.demo_corpus import CHECKSUMS, DemoCorpusConfig, build_demo_corpus
 
 log = logging.getLogger("meshline.download")
@@ -591,8 +591,9 @@ def fetch_all(
     return fetched, failed
 
 
-def write_manifest(ledger: Ledger, items: list[FileItem]) -> None:
-    """Commit ``manifest.json`` (name, size, sha256, source of every file) as the last unit."""
+def write_manifest(ledger: Ledger, items: list[FileItem]) -> list[dict[str, Any]]:
+    """Commit ``manifest.json`` (name, size, sha256, source of every file) as the last unit;
+    returns its entries."""
     files = []
     for item in sorted(items, key=lambda i: i.name):
         record = ledger.record(item.name)
@@ -607,6 +608,12 @@ def write_manifest(ledger: Ledger, items: list[FileItem]) -> None:
         )
     with ledger.unit(MANIFEST_UNIT) as unit, unit.open(MANIFEST_FILE) as f:
         f.write(json.dumps({"files": files}, indent=1).encode())
+    return files
+
+
+def _log_sources(ctx: StageContext, files: list[dict[str, Any]]) -> None:
+    """Every fetched file as an MLflow input dataset: its source URL and sha256."""
+    ctx.log_sources([Source(f["name"], f["source"], f["sha256"]) for f in files])
 
 
 def demo_mirror(pipeline_root: str, corpus: DemoCorpusConfig) -> str:
@@ -636,6 +643,7 @@ def run(ctx: StageContext) -> None:
         # network are not needed again.
         listed = json.loads(storage.read_text(storage.join(ctx.output, MANIFEST_FILE)))["files"]
         log.info("download: all %d files already committed", len(listed))
+        _log_sources(ctx, listed)
         ctx.record(files=0, bytes=0, skipped=len(listed), seconds=time.monotonic() - started)
         return
     items = _plan(ctx)
@@ -650,7 +658,7 @@ def run(ctx: StageContext) -> None:
             f"download failed for {len(failed)} of {len(items)} files "
             f"(the other {len(items) - len(failed)} are committed):\n{listing}"
         )
-    write_manifest(ctx.ledger, items)
+    _log_sources(ctx, write_manifest(ctx.ledger, items))
     size = sum(f.size for f in fetched)
     seconds = time.monotonic() - started
     log.info(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,6 +33,8 @@ class Misbehaviour:
     """Paths answered with the whole file (200) even when a Range is asked for."""
     require_auth: str | None = None
     """An ``Authorization`` header value every request must carry (else 401)."""
+    bytes_per_second: float | None = None
+    """Send bodies no faster than this, like a slow mirror (leaves time to kill a run)."""
 
 
 @dataclass
@@ -105,12 +108,20 @@ class FileServer:
                 with server._lock:
                     cut = server.misbehave.drop_after.pop(path, None)
                 if cut is None:
-                    self.wfile.write(data)
+                    self._send_paced(data)
                     return
                 self.wfile.write(data[:cut])
                 self.wfile.flush()
                 self.connection.shutdown(socket.SHUT_RDWR)
                 self.close_connection = True
+
+            def _send_paced(self, data: bytes) -> None:
+                rate = server.misbehave.bytes_per_second
+                piece = 64 * 1024 if rate else max(1, len(data))
+                for start in range(0, len(data), piece):
+                    self.wfile.write(data[start : start + piece])
+                    if rate:
+                        time.sleep(piece / rate)
 
             def _status(self, path: str) -> int:
                 wanted = server.misbehave.require_auth

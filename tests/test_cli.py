@@ -1,0 +1,246 @@
+"""The ``meshline`` command end to end, as a user runs it: the demo pipeline's download
+stage, reruns, --force, status, kills at any moment, MLflow lineage, and submission to a
+real Ray head on 127.0.0.1."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from pipeline import lineage
+from stages.demo_corpus import CHECKSUMS, DemoCorpusConfig, build_demo_corpus
+from tests.conftest import free_port
+from tests.httpserver import FileServer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(REPO, "configs", "demo.yaml")
+MESHLINE = shutil.which("meshline") or "meshline"
+
+
+def meshline(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [MESHLINE, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def status(config: str, root: str) -> dict[str, dict]:
+    result = meshline("status", config, "--set", f"root={root}", "--json")
+    assert result.returncode == 0, result.stderr
+    return {r["stage"]: r for r in json.loads(result.stdout)}
+
+
+def read_json(path: str):
+    return json.loads(Path(path).read_text())
+
+
+def mirror_files(mirror: str) -> dict[str, bytes]:
+    lines = Path(mirror, CHECKSUMS).read_text().split("\n")
+    names = [line.split()[1] for line in lines if line.strip()]
+    return output_files(mirror, names)
+
+
+def output_files(output: str, names) -> dict[str, bytes]:
+    return {name: Path(output, name).read_bytes() for name in names}
+
+
+def test_demo_download_runs_skips_and_forces(tmp_path):
+    root = str(tmp_path / "root")
+    assert status(DEMO, root)["download"]["state"] == "PENDING"
+
+    first = meshline("run", DEMO, "--set", f"root={root}")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "download   done" in first.stdout
+    report = status(DEMO, root)["download"]
+    assert report["state"] == "DONE" and report["digest"]
+    mirror = glob.glob(os.path.join(root, "demo-mirror-*"))[0]
+    expected = mirror_files(mirror)
+    assert output_files(report["output"], expected) == expected
+    manifest = read_json(os.path.join(report["output"], "manifest.json"))
+    assert sorted(f["name"] for f in manifest["files"]) == sorted(expected)
+
+    second = meshline("run", DEMO, "--set", f"root={root}")
+    assert second.returncode == 0 and "download   reused" in second.stdout
+    assert status(DEMO, root)["download"] == report
+
+    forced = meshline("run", DEMO, "--set", f"root={root}", "--stage", "download", "--force")
+    assert forced.returncode == 0 and "download   done" in forced.stdout
+    after = status(DEMO, root)["download"]
+    assert after["state"] == "DONE" and after["digest"] == report["digest"]
+    assert after["mlflow_run_id"] != report["mlflow_run_id"]
+
+    client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")
+    experiment = client.get_experiment_by_name("demo")
+    runs = client.search_runs([experiment.experiment_id], "tags.`meshline.stage` = 'download'")
+    assert len(runs) == 3
+    produced = client.get_run(report["mlflow_run_id"])
+    assert produced.info.status == "FINISHED"
+    assert produced.data.params["demo_corpus.train_shards"] == "4"
+    assert produced.data.tags[lineage.TAG_OUTPUT] == report["output"]
+    assert produced.data.tags[lineage.TAG_FINGERPRINT] == report["fingerprint"]
+    assert produced.data.metrics["files"] == len(expected)
+    assert produced.data.metrics["bytes"] == sum(len(b) for b in expected.values())
+    sources = {d.dataset.name: d.dataset for d in produced.inputs.dataset_inputs}
+    assert set(sources) == set(expected)
+    assert json.loads(sources["val.jsonl.zst"].source)["uri"].startswith(mirror)
+    digest = json.loads(sources["val.jsonl.zst"].profile)["digest"]
+    assert digest == next(f["sha256"] for f in manifest["files"] if f["name"] == "val.jsonl.zst")
+    reused = [r for r in runs if r.data.tags.get(lineage.TAG_REUSED) == "true"]
+    assert [r.data.tags[lineage.TAG_REUSED_FROM] for r in reused] == [report["mlflow_run_id"]]
+    parents = {r.data.tags["mlflow.parentRunId"] for r in runs}
+    assert all(client.get_run(p).info.status == "FINISHED" for p in parents)
+
+
+def test_dag_and_config_errors():
+    dag = meshline("dag", DEMO, "--set", "root=/tmp/x")
+    assert dag.returncode == 0 and "download" in dag.stdout and "/tmp/x/download-" in dag.stdout
+    bad = meshline("run", DEMO, "--set", "stages.download.concurency=2")
+    assert bad.returncode == 2
+    assert "demo.yaml: stages.download.concurency: Extra inputs are not permitted" in bad.stderr
+    wrong = meshline("status", DEMO, "--set", "stages.download.demo_corpus.train_shards=lots")
+    assert wrong.returncode == 2 and "stages.download.demo_corpus.train_shards" in wrong.stderr
+
+
+@pytest.fixture
+def slow_mirror(tmp_path) -> Iterator[tuple[str, FileServer]]:
+    """A small demo corpus behind a slow HTTP mirror, and a config that downloads it one
+    file at a time, so that a run can be killed half-way."""
+    mirror = str(tmp_path / "mirror")
+    names = build_demo_corpus(mirror, DemoCorpusConfig(max_text_mb=4, train_shards=4))
+    server = FileServer(mirror)
+    server.misbehave.bytes_per_second = 300_000
+    config = tmp_path / "slow.yaml"
+    with server.running():
+        sources = json.dumps(names)
+        config.write_text(
+            "name: slow\nstages:\n  download:\n"
+            f"    base_url: {server.url}/\n    checksums: {CHECKSUMS}\n"
+            f"    concurrency: 1\n    sources: {sources}\n"
+        )
+        yield str(config), server
+
+
+def wait_for_units(root: str, count: int, process: subprocess.Popen) -> list[dict]:
+    """Poll the ledger until ``count`` units are committed (the run must still be going)."""
+    pattern = os.path.join(root, "download-*", "_meta", "units", "*.json")
+    while len(glob.glob(pattern)) < count:
+        assert process.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.1)
+    return [read_json(path) for path in glob.glob(pattern)]
+
+
+def assert_resumed_exactly(config: str, root: str, server: FileServer, before: list[dict]):
+    report = status(config, root)["download"]
+    assert report["state"] == "DONE"
+    expected = mirror_files(server.root)
+    assert output_files(report["output"], expected) == expected
+    for record in before:
+        name = record["name"]
+        requests = [r for r in server.requests if r.path == f"/{name}"]
+        assert len(requests) == 1, f"{name} was fetched again after its commit"
+        path = os.path.join(report["output"], "_meta", "units", name.replace("/", "__") + ".json")
+        assert read_json(path)["committed_at"] == record["committed_at"]
+
+
+def test_killing_the_driver_then_rerunning_resumes(slow_mirror, tmp_path):
+    config, server = slow_mirror
+    root = str(tmp_path / "root")
+    driver = subprocess.Popen(
+        [MESHLINE, "run", config, "--set", f"root={root}"],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    committed = wait_for_units(root, 2, driver)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    assert status(config, root)["download"]["state"] in ("PENDING", "RUNNING")
+
+    rerun = meshline("run", config, "--set", f"root={root}")
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert_resumed_exactly(config, root, server, committed)
+
+
+def test_killing_the_stage_actor_is_survived(slow_mirror, tmp_path):
+    config, server = slow_mirror
+    root = str(tmp_path / "root")
+    driver = subprocess.Popen(
+        [MESHLINE, "run", config, "--set", f"root={root}"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    committed = wait_for_units(root, 2, driver)
+    [status_file] = glob.glob(os.path.join(root, "download-*", "_meta", "status.json"))
+    actor_pid = read_json(status_file)["pid"]
+    assert actor_pid != driver.pid
+    os.kill(actor_pid, signal.SIGKILL)
+    output, _ = driver.communicate(timeout=300)
+    assert driver.returncode == 0, output
+    assert read_json(status_file)["pid"] != actor_pid
+    assert_resumed_exactly(config, root, server, committed)
+
+
+def wait_for_port(port: int, process: subprocess.Popen, limit: float = 120) -> None:
+    deadline = time.time() + limit
+    while True:
+        assert process.poll() is None, "ray start --head exited"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert time.time() < deadline, f"nothing listens on {port}"
+            time.sleep(0.2)
+
+
+@pytest.fixture
+def ray_head() -> Iterator[str]:
+    """A real ``ray start --head`` on 127.0.0.1 (token authentication on, as by default);
+    yields its dashboard address for the Jobs API."""
+    port, dashboard = free_port(), free_port()
+    head = subprocess.Popen(
+        [
+            "ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+            f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+            "--num-cpus=2", "--include-dashboard=true",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_for_port(dashboard, head)
+        yield f"http://127.0.0.1:{dashboard}"
+    finally:
+        head.send_signal(signal.SIGTERM)
+        head.wait(timeout=60)
+
+
+def test_submit_runs_the_demo_download_on_a_ray_head(ray_head, tmp_path):
+    root = str(tmp_path / "root")
+    result = meshline("submit", DEMO, "--address", ray_head, "--wait", "--set", f"root={root}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCEEDED" in result.stdout
+    assert status(DEMO, root)["download"]["state"] == "DONE"
+
+
+def test_lint_is_clean():
+    check = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", REPO], capture_output=True, text=True
+    )
+    assert check.returncode == 0, check.stdout
+    fmt = subprocess.run(
+        [sys.executable, "-m", "ruff", "format", "--check", REPO], capture_output=True, text=True
+    )
+    assert fmt.returncode == 0, fmt.stdout
