@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -244,3 +245,23 @@ def test_lint_is_clean():
         [sys.executable, "-m", "ruff", "format", "--check", REPO], capture_output=True, text=True
     )
     assert fmt.returncode == 0, fmt.stdout
+
+
+def test_ui_serves_the_pipeline_store_on_loopback(tmp_path):
+    root = str(tmp_path / "root")
+    port = free_port()
+    ui = subprocess.Popen(
+        [MESHLINE, "ui", DEMO, "--set", f"root={root}", "--port", str(port)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port, ui)
+        page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30).read()
+        assert b"MLflow" in page or b"mlflow" in page
+        listening = subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout
+        assert f"127.0.0.1:{port}" in listening and f"0.0.0.0:{port}" not in listening
+    finally:
+        ui.terminate()
+        ui.wait(timeout=30)

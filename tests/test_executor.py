@@ -199,3 +199,15 @@ def test_params_redact_credentials():
     )
     assert "hunter2" not in json.dumps(flat) and "sig=abc" not in json.dumps(flat)
     assert flat["auth.api_key"] == "***" and flat["n"] == "3"
+
+
+def test_independent_stages_run_at_the_same_time(ray_cluster, tmp_path):
+    config = validate(
+        {
+            **TOY,
+            "root": str(tmp_path),
+            "stages": {"ping": {"partner": "pong"}, "pong": {"partner": "ping"}},
+        }
+    )
+    results = run(config)
+    assert all(isinstance(r, executor.Outcome) for r in results.values()), results

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 
 from pydantic import Field
 
@@ -64,3 +65,27 @@ def run_total(ctx: StageContext) -> None:
     with ctx.ledger.unit("total") as unit, unit.open("total.txt") as f:
         f.write(str(total).encode())
     ctx.record(total=total)
+
+
+class RendezvousConfig(StageConfig):
+    partner: str
+    """The other stage, which must be running at the same time as this one."""
+    wait_seconds: float = 120
+    """Give up waiting for the partner after this long."""
+
+
+def _rendezvous(ctx: StageContext) -> None:
+    """Leave a marker and wait for the partner's: only concurrent stages both finish."""
+    config: RendezvousConfig = ctx.config
+    mine = storage.join(ctx.pipeline_root, f"arrived-{ctx.name}")
+    partner = storage.join(ctx.pipeline_root, f"arrived-{config.partner}")
+    storage.write_atomic(mine, b"")
+    deadline = time.monotonic() + config.wait_seconds
+    while not storage.exists(partner):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{ctx.name}: {config.partner} never ran alongside")
+        time.sleep(0.05)
+
+
+register("ping", RendezvousConfig)(_rendezvous)
+register("pong", RendezvousConfig)(_rendezvous)
