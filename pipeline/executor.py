@@ -144,9 +144,7 @@ class Invocation:
     """One ``meshline run``: identifies its leases and links its MLflow runs."""
 
     id: str
-    tracking_uri: str
-    experiment_id: str
-    parent_run_id: str
+    lineage: lineage.PipelineRun
 
 
 @ray.remote
@@ -182,14 +180,8 @@ def execute_stage(
     if status and status.state == SUCCESS and (ours or (not force and status.inputs == digests)):
         run_id = status.mlflow_run_id or ""
         if not ours:
-            run_id = lineage.log_reused(
-                invocation.tracking_uri,
-                invocation.experiment_id,
-                invocation.parent_run_id,
-                stage.name,
-                stage.fingerprint,
-                stage.output,
-                status.mlflow_run_id,
+            run_id = invocation.lineage.log_reused(
+                stage.name, stage.fingerprint, stage.output, status.mlflow_run_id
             )
             log.info("%s: reused %s", stage.name, stage.output)
         upstream = Upstream(stage.name, stage.output, stage.fingerprint, status.digest or "")
@@ -211,19 +203,13 @@ def _produce(
     stage_config = config.stages[stage.name]
     lease = Lease(stage.output, invocation.id, config.lease_seconds).acquire()
     if lease.previous and lease.previous.state == RUNNING and lease.previous.mlflow_run_id:
-        lineage.mark_killed(invocation.tracking_uri, lease.previous.mlflow_run_id)
+        invocation.lineage.mark_killed(lease.previous.mlflow_run_id)
     lease.status.inputs = {u.stage: u.digest for u in inputs}
-    _write_resolved_config(stage, stage_config.model_dump(mode="json"), inputs)
+    resolved = stage_config.model_dump(mode="json")
+    _write_resolved_config(stage, resolved, inputs)
     try:
-        with lineage.stage_run(
-            invocation.tracking_uri,
-            invocation.experiment_id,
-            invocation.parent_run_id,
-            stage.name,
-            stage.fingerprint,
-            stage.output,
-            stage_config.model_dump(mode="json"),
-            inputs,
+        with invocation.lineage.stage_run(
+            stage.name, stage.fingerprint, stage.output, resolved, inputs
         ) as run:
             lease.update(mlflow_run_id=run.run_id)
             ledger = Ledger(stage.output)
@@ -240,7 +226,7 @@ def _produce(
             log.info("%s: producing %s", stage.name, stage.output)
             spec.run(context)
             digest = ledger.digest()
-            lineage.tag_digest(invocation.tracking_uri, run.run_id, digest)
+            run.tag_digest(digest)
     except BaseException:
         lease.release(FAILED, error=traceback.format_exc(limit=5))
         raise
@@ -281,8 +267,8 @@ def run_pipeline(
     artifacts = storage.join(config.stage_root(), "mlartifacts")
     experiment_id = lineage.create_experiment(tracking_uri, config.name, artifacts)
     invocation_id = uuid.uuid4().hex[:12]
-    parent = lineage.start_parent_run(tracking_uri, experiment_id, invocation_id, command)
-    invocation = Invocation(invocation_id, tracking_uri, experiment_id, parent)
+    parent = lineage.PipelineRun.start(tracking_uri, experiment_id, invocation_id, command)
+    invocation = Invocation(invocation_id, parent)
     connect(config)
     refs: dict[str, ray.ObjectRef] = {}
     for name in order:
@@ -295,7 +281,7 @@ def run_pipeline(
         refs[name] = actor.execute.remote(invocation, planned[name], name in forced, *upstream_refs)
     results = _collect(refs, planned)
     ok = all(isinstance(r, Outcome) for r in results.values())
-    lineage.end_run(tracking_uri, parent, ok)
+    parent.end(ok)
     return results
 
 

@@ -15,6 +15,7 @@ import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from mlflow import MlflowClient
@@ -66,16 +67,9 @@ def create_experiment(tracking_uri: str, name: str, artifact_location: str) -> s
     return client.create_experiment(name, artifact_location=artifact_location)
 
 
-def start_parent_run(tracking_uri: str, experiment_id: str, invocation: str, argv: str) -> str:
-    client = MlflowClient(tracking_uri)
-    tags = {TAG_INVOCATION: invocation, "meshline.command": redact_url(argv)}
-    run = client.create_run(experiment_id, tags=tags, run_name=f"pipeline-{invocation}")
-    return run.info.run_id
-
-
-def end_run(tracking_uri: str, run_id: str, ok: bool) -> None:
-    status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
-    MlflowClient(tracking_uri).set_terminated(run_id, status)
+def end_run(client: MlflowClient, run_id: str, ok: bool) -> None:
+    status = RunStatus.FINISHED if ok else RunStatus.FAILED
+    client.set_terminated(run_id, RunStatus.to_string(status))
 
 
 class StageRun:
@@ -97,22 +91,8 @@ class StageRun:
         datasets = [_dataset(s.name, s.uri, s.digest, {}, "source") for s in sources]
         self.client.log_inputs(self.run_id, datasets=datasets)
 
-
-def _child_run(
-    client: MlflowClient,
-    experiment_id: str,
-    parent_run_id: str,
-    stage: str,
-    fingerprint: str,
-    output: str,
-) -> str:
-    tags = {
-        MLFLOW_PARENT_RUN_ID: parent_run_id,
-        TAG_STAGE: stage,
-        TAG_FINGERPRINT: fingerprint,
-        TAG_OUTPUT: redact_url(output),
-    }
-    return client.create_run(experiment_id, tags=tags, run_name=stage).info.run_id
+    def tag_digest(self, digest: str) -> None:
+        self.client.set_tag(self.run_id, TAG_DIGEST, digest)
 
 
 def _dataset(name: str, uri: str, digest: str, profile: dict, context: str) -> DatasetInput:
@@ -134,57 +114,74 @@ def _upstream_dataset(upstream: Upstream) -> DatasetInput:
     return _dataset(name, upstream.uri, upstream.digest, profile, "input")
 
 
-@contextmanager
-def stage_run(
-    tracking_uri: str,
-    experiment_id: str,
-    parent_run_id: str,
-    stage: str,
-    fingerprint: str,
-    output: str,
-    config: dict[str, Any],
-    inputs: list[Upstream],
-) -> Iterator[StageRun]:
-    """A child run that ends FINISHED when the block succeeds and FAILED when it raises."""
-    client = MlflowClient(tracking_uri)
-    run_id = _child_run(client, experiment_id, parent_run_id, stage, fingerprint, output)
-    params = [Param(k, v) for k, v in sorted(flatten(config).items())]
-    for start in range(0, len(params), 100):
-        client.log_batch(run_id, params=params[start : start + 100])
-    if inputs:
-        client.log_inputs(run_id, datasets=[_upstream_dataset(u) for u in inputs])
-    try:
-        yield StageRun(client, run_id)
-    except BaseException:
-        end_run(tracking_uri, run_id, ok=False)
-        raise
-    end_run(tracking_uri, run_id, ok=True)
+@dataclass(frozen=True)
+class PipelineRun:
+    """The parent run of one ``meshline run``; stage actors open child runs under it."""
 
+    tracking_uri: str
+    experiment_id: str
+    run_id: str
 
-def log_reused(
-    tracking_uri: str,
-    experiment_id: str,
-    parent_run_id: str,
-    stage: str,
-    fingerprint: str,
-    output: str,
-    producer_run_id: str | None,
-) -> str:
-    """A child run for a stage that was already done: tagged reused, linked to its producer."""
-    client = MlflowClient(tracking_uri)
-    run_id = _child_run(client, experiment_id, parent_run_id, stage, fingerprint, output)
-    tags = [RunTag(TAG_REUSED, "true"), RunTag(TAG_REUSED_FROM, producer_run_id or "")]
-    client.log_batch(run_id, tags=tags)
-    end_run(tracking_uri, run_id, ok=True)
-    return run_id
+    @classmethod
+    def start(
+        cls, tracking_uri: str, experiment_id: str, invocation: str, argv: str
+    ) -> PipelineRun:
+        tags = {TAG_INVOCATION: invocation, "meshline.command": redact_url(argv)}
+        run = MlflowClient(tracking_uri).create_run(
+            experiment_id, tags=tags, run_name=f"pipeline-{invocation}"
+        )
+        return cls(tracking_uri, experiment_id, run.info.run_id)
 
+    def end(self, ok: bool) -> None:
+        end_run(MlflowClient(self.tracking_uri), self.run_id, ok)
 
-def tag_digest(tracking_uri: str, run_id: str, digest: str) -> None:
-    MlflowClient(tracking_uri).set_tag(run_id, TAG_DIGEST, digest)
+    def _child(self, client: MlflowClient, stage: str, fingerprint: str, output: str) -> str:
+        tags = {
+            MLFLOW_PARENT_RUN_ID: self.run_id,
+            TAG_STAGE: stage,
+            TAG_FINGERPRINT: fingerprint,
+            TAG_OUTPUT: redact_url(output),
+        }
+        return client.create_run(self.experiment_id, tags=tags, run_name=stage).info.run_id
 
+    @contextmanager
+    def stage_run(
+        self,
+        stage: str,
+        fingerprint: str,
+        output: str,
+        config: dict[str, Any],
+        inputs: list[Upstream],
+    ) -> Iterator[StageRun]:
+        """A child run that ends FINISHED when the block succeeds and FAILED when it raises."""
+        client = MlflowClient(self.tracking_uri)
+        run_id = self._child(client, stage, fingerprint, output)
+        params = [Param(k, v) for k, v in sorted(flatten(config).items())]
+        for start in range(0, len(params), 100):
+            client.log_batch(run_id, params=params[start : start + 100])
+        if inputs:
+            client.log_inputs(run_id, datasets=[_upstream_dataset(u) for u in inputs])
+        try:
+            yield StageRun(client, run_id)
+        except BaseException:
+            end_run(client, run_id, ok=False)
+            raise
+        end_run(client, run_id, ok=True)
 
-def mark_killed(tracking_uri: str, run_id: str) -> None:
-    """End a child run whose runner died (found when a rerun takes over its lease)."""
-    client = MlflowClient(tracking_uri)
-    if client.get_run(run_id).info.status == "RUNNING":
-        client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
+    def log_reused(
+        self, stage: str, fingerprint: str, output: str, producer_run_id: str | None
+    ) -> str:
+        """A child run for a stage that was already done: tagged reused, linked to its
+        producer."""
+        client = MlflowClient(self.tracking_uri)
+        run_id = self._child(client, stage, fingerprint, output)
+        tags = [RunTag(TAG_REUSED, "true"), RunTag(TAG_REUSED_FROM, producer_run_id or "")]
+        client.log_batch(run_id, tags=tags)
+        end_run(client, run_id, ok=True)
+        return run_id
+
+    def mark_killed(self, run_id: str) -> None:
+        """End a child run whose runner died (found when a rerun takes over its lease)."""
+        client = MlflowClient(self.tracking_uri)
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
