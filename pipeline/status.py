@@ -58,8 +58,12 @@ def read_status(output: str) -> Status | None:
     return Status(**json.loads(storage.read_text(uri)))
 
 
+def _encode(status: Status) -> bytes:
+    return json.dumps(asdict(status), indent=1).encode()
+
+
 def write_status(output: str, status: Status) -> None:
-    storage.write_atomic(status_uri(output), json.dumps(asdict(status), indent=1).encode())
+    storage.write_atomic(status_uri(output), _encode(status))
 
 
 def _process_alive(pid: int) -> bool:
@@ -92,14 +96,21 @@ class Lease:
 
     def acquire(self) -> Lease:
         current = read_status(self.output)
-        if current and current.state == RUNNING and not is_stale(current, self.lease_seconds):
-            age = time.time() - current.heartbeat
-            raise StageBusy(
-                f"{self.output} is being produced by pid {current.pid} on {current.host} "
-                f"(lease renewed {age:.0f}s ago); rerun when it ends or its lease expires"
-            )
+        # A first status is created create-only, so two runners starting on a fresh output
+        # cannot both believe they hold it.
+        if current is None and not storage.write_if_absent(
+            status_uri(self.output), _encode(self.status)
+        ):
+            current = read_status(self.output)
+        if current is not None:
+            if current.state == RUNNING and not is_stale(current, self.lease_seconds):
+                age = time.time() - current.heartbeat
+                raise StageBusy(
+                    f"{self.output} is being produced by pid {current.pid} on {current.host} "
+                    f"(lease renewed {age:.0f}s ago); rerun when it ends or its lease expires"
+                )
+            write_status(self.output, self.status)
         self.previous = current
-        write_status(self.output, self.status)
         self._thread.start()
         return self
 

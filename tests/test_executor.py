@@ -12,7 +12,15 @@ import pytest
 from pipeline import executor, lineage
 from pipeline.config import ConfigError, load_config, validate
 from pipeline.ledger import Ledger
-from pipeline.status import RUNNING, SUCCESS, StageBusy, Status, read_status, write_status
+from pipeline.status import (
+    RUNNING,
+    SUCCESS,
+    Lease,
+    StageBusy,
+    Status,
+    read_status,
+    write_status,
+)
 
 TOY = {"name": "toy", "stage_modules": ["tests.toystages"]}
 
@@ -136,6 +144,16 @@ def test_killed_actor_is_restarted_and_resumes(ray_cluster, tmp_path):
     assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED"]
 
 
+def test_a_fresh_output_is_leased_once(tmp_path):
+    first = Lease(str(tmp_path), "one", 60).acquire()
+    with pytest.raises(StageBusy, match="is being produced by pid"):
+        Lease(str(tmp_path), "two", 60).acquire()
+    first.release(SUCCESS)
+    assert read_status(str(tmp_path)).invocation == "one"
+    Lease(str(tmp_path), "three", 60).acquire().release(SUCCESS)
+    assert read_status(str(tmp_path)).invocation == "three"
+
+
 def test_leases(ray_cluster, tmp_path):
     config = toy_config(tmp_path)
     output = executor.plan(config)["numbers"].output
@@ -145,8 +163,6 @@ def test_leases(ray_cluster, tmp_path):
     assert "is being produced by pid" in str(results["numbers"])
     assert states(config)["numbers"] == "RUNNING"
     with pytest.raises(StageBusy):
-        from pipeline.status import Lease
-
         Lease(output, "me", 60).acquire()
 
     dead = Status(RUNNING, "crashed", pid=2**22 + 12345)
