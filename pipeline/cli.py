@@ -132,12 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
         config = load_config(args.config, args.overrides)
+        if not storage.is_gcs(config.root):
+            config = config.model_copy(update={"root": config.stage_root()})
+        return COMMANDS[args.command](config, args)
     except ConfigError as error:
         print(f"meshline: {error}", file=sys.stderr)
         return 2
-    if not storage.is_gcs(config.root):
-        config = config.model_copy(update={"root": config.stage_root()})
-    return COMMANDS[args.command](config, args)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,10 @@ import os
 import shlex
 import shutil
 import tempfile
+from urllib.parse import urlsplit
 
-from pipeline.config import PipelineConfig
+from pipeline import storage
+from pipeline.config import ConfigError, PipelineConfig
 
 CONFIG_NAME = "pipeline.yaml"
 
@@ -38,7 +40,31 @@ def package_dirs(config: PipelineConfig) -> list[str]:
     return [os.path.dirname(importlib.import_module(name).__file__) for name in top_level]
 
 
+LOOPBACK = ("127.", "localhost", "::1", "[::1]")
+
+
+def check_shared_storage(config: PipelineConfig, address: str) -> None:
+    """Refuse a remote cluster with outputs or MLflow on this machine's disk: its stage
+    actors run elsewhere and would write to their own disks, out of sight of each other."""
+    host = urlsplit(address if "://" in address else f"http://{address}").hostname or ""
+    if host.startswith(LOOPBACK):
+        return
+    problems = []
+    if not storage.is_gcs(config.root):
+        problems.append(f"root={config.root} is a local path; use gs://BUCKET/PREFIX")
+    tracking = config.tracking_uri or ""
+    if not tracking.startswith(("http://", "https://")):
+        where = tracking or "the default sqlite store under root"
+        problems.append(f"tracking_uri is {where}; use an MLflow server, http(s)://HOST:PORT")
+    if problems:
+        raise ConfigError(
+            f"{address} is a remote cluster: its nodes cannot share this machine's files.\n  "
+            + "\n  ".join(problems)
+        )
+
+
 def submit(config: PipelineConfig, args: argparse.Namespace) -> int:
+    check_shared_storage(config, args.address)
     from ray._private.authentication.authentication_token_setup import (
         maybe_enable_token_auth_if_token_available,
     )
@@ -47,7 +73,10 @@ def submit(config: PipelineConfig, args: argparse.Namespace) -> int:
     # The Jobs client sends no token unless token mode is on in this process; turn it on
     # when this machine has the cluster's token (RAY_AUTH_MODE, if set, still decides).
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-    client = JobSubmissionClient(args.address)
+    try:
+        client = JobSubmissionClient(args.address)
+    except ConnectionError as error:
+        raise ConfigError(f"cannot reach a Ray dashboard at {args.address}: {error}") from None
     with tempfile.TemporaryDirectory(prefix="meshline-job-") as workdir:
         shutil.copy(args.config, os.path.join(workdir, CONFIG_NAME))
         job_id = client.submit_job(

@@ -265,3 +265,16 @@ def test_ui_serves_the_pipeline_store_on_loopback(tmp_path):
     finally:
         ui.terminate()
         ui.wait(timeout=30)
+
+
+def test_submit_to_a_remote_cluster_needs_shared_storage(tmp_path):
+    remote = "http://head.cluster.invalid:8265"
+    refused = meshline("submit", DEMO, "--address", remote, "--set", f"root={tmp_path}")
+    assert refused.returncode == 2
+    assert "remote cluster" in refused.stderr and "use gs://" in refused.stderr
+    assert "use an MLflow server" in refused.stderr
+    shared = ["--set", "root=gs://bucket/x", "--set", "tracking_uri=http://mlflow.invalid:5000"]
+    accepted = meshline("submit", DEMO, "--address", remote, *shared, timeout=120)
+    assert accepted.returncode == 2 and "remote cluster" not in accepted.stderr
+    assert "cannot reach a Ray dashboard at http://head.cluster.invalid:8265" in accepted.stderr
+    assert "Traceback" not in accepted.stderr
