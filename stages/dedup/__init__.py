@@ -1,0 +1,11 @@
+"""The dedup stage: exact and MinHash-LSH near-duplicate removal of the downloaded Pile files.
+
+``reader`` streams jsonl.zst files, ``minhash`` hashes texts, ``components`` joins candidate
+pairs into clusters, ``units`` and ``phases`` do each phase's work on one unit, and
+``stage`` runs the phases and registers the stage (importing this package registers it).
+"""
+
+from stages.dedup.config import DedupConfig
+from stages.dedup.stage import run
+
+__all__ = ["DedupConfig", "run"]

@@ -1,0 +1,327 @@
+"""The work of each dedup phase on one unit or partition; the stage (``stage.py``) runs
+these as Ray tasks, Ray Data actors and shuffles, and commits each result as a ledger unit.
+
+- ``exact_partition``: one hash partition of every unit's exact-hash keys -> the train
+  documents removed as exact duplicates or as copies of val/test documents.
+- ``Signer``: a unit's surviving train documents -> MinHash LSH band keys.
+- ``explode_bands`` / ``bucket_edges``: band keys -> (bucket, doc) rows -> after Ray Data's
+  hash shuffle by bucket, star edges from each bucket's smallest document to the others.
+- ``write_output``: a unit's documents minus removals -> one output shard and its counts.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from pipeline import storage
+from pipeline.ledger import Ledger
+from stages.dedup.config import DedupConfig
+from stages.dedup.minhash import band_keys, jaccard, shingle_hashes, signatures
+from stages.dedup.units import (
+    CONTAMINATED,
+    EXACT_DUP,
+    LINE_BITS,
+    LOOKUP_ROW_GROUP,
+    NEAR_DUP,
+    WORK,
+    read_key_range,
+    read_parquet,
+    read_partition,
+    write_parquet,
+)
+
+REMOVAL_SCHEMA = pa.schema([("doc_key", pa.int64()), ("reason", pa.int8()), ("rep", pa.int64())])
+
+
+def exact_path(partition: int) -> str:
+    return f"{WORK}/exact/{partition:04d}.parquet"
+
+
+def cluster_path(partition: int) -> str:
+    return f"{WORK}/clusters/{partition:04d}.parquet"
+
+
+def sig_path(unit: dict[str, Any]) -> str:
+    return f"{WORK}/sig/{unit['file']}/{unit['index']:05d}.parquet"
+
+
+def exact_partition(
+    output: str, partition: int, keys_paths: list[str], config: DedupConfig
+) -> dict[str, int]:
+    """Find exact duplicates and contaminated train documents among the hashes of one
+    partition; commit them sorted by doc_key. Returns the counts."""
+    tables = [read_partition(storage.join(output, p), partition) for p in keys_paths]
+    table = pa.concat_tables(tables) if tables else None
+    rows = table.num_rows if table is not None else 0
+    removals = np.empty((0, 3), dtype=np.int64)
+    if rows:
+        hi = table.column("hash_hi").to_numpy()
+        lo = table.column("hash_lo").to_numpy()
+        key = table.column("doc_key").to_numpy()
+        held = table.column("held_out").to_numpy(zero_copy_only=False)
+        # Within a group of equal hashes, held-out documents first, then by doc_key.
+        order = np.lexsort((key, ~held, lo, hi))
+        hi, lo, key, held = hi[order], lo[order], key[order], held[order]
+        new_group = np.ones(rows, dtype=bool)
+        new_group[1:] = (hi[1:] != hi[:-1]) | (lo[1:] != lo[:-1])
+        group = np.cumsum(new_group) - 1
+        first = np.flatnonzero(new_group)
+        rep = key[first][group]
+        contaminated = held[first][group] & ~held
+        duplicate = ~held & ~new_group & ~contaminated
+        reason = np.zeros(rows, dtype=np.int64)
+        if config.decontaminate:
+            reason[contaminated] = CONTAMINATED
+        if config.exact:
+            reason[duplicate] = EXACT_DUP
+        picked = reason > 0
+        removals = np.stack([key[picked], reason[picked], rep[picked]], axis=1)
+        removals = removals[np.argsort(removals[:, 0], kind="stable")]
+    out = pa.table(
+        {
+            "doc_key": pa.array(removals[:, 0], pa.int64()),
+            "reason": pa.array(removals[:, 1], pa.int8()),
+            "rep": pa.array(removals[:, 2], pa.int64()),
+        },
+        schema=REMOVAL_SCHEMA,
+    )
+    counts = {
+        "exact_duplicates": int(np.count_nonzero(removals[:, 1] == EXACT_DUP)),
+        "decontaminated": int(np.count_nonzero(removals[:, 1] == CONTAMINATED)),
+    }
+    with Ledger(output).unit(f"exact/{partition:04d}") as unit:
+        write_parquet(unit, exact_path(partition), out, LOOKUP_ROW_GROUP)
+        unit.metadata.update(counts)
+    return counts
+
+
+def exact_removed(output: str, partitions: int, lo: int, hi: int) -> dict[int, tuple[int, int]]:
+    """doc_key -> (reason, representative) for the exact phase's removals in [lo, hi)."""
+    found: dict[int, tuple[int, int]] = {}
+    for p in range(partitions):
+        table = read_key_range(
+            storage.join(output, exact_path(p)), lo, hi, ["doc_key", "reason", "rep"]
+        )
+        for key, reason, rep in zip(
+            table.column("doc_key").to_pylist(),
+            table.column("reason").to_pylist(),
+            table.column("rep").to_pylist(),
+            strict=True,
+        ):
+            found[key] = (reason, rep)
+    return found
+
+
+def near_members(output: str, partitions: int, lo: int, hi: int) -> dict[int, int]:
+    """doc_key -> cluster representative for near-duplicate cluster members in [lo, hi)."""
+    found: dict[int, int] = {}
+    for p in range(partitions):
+        table = read_key_range(storage.join(output, cluster_path(p)), lo, hi, ["doc_key", "rep"])
+        found.update(
+            zip(table.column("doc_key").to_pylist(), table.column("rep").to_pylist(), strict=True)
+        )
+    return found
+
+
+class Signer:
+    """A Ray Data actor: for each unit it is given, computes the band keys of the unit's
+    train documents that survived the exact phase and commits them as a ledger unit."""
+
+    def __init__(self, output: str, config: DedupConfig, units: list[dict[str, Any]]):
+        self.output = output
+        self.config = config
+        self.units = units
+        self.bands, self.rows = config.band_shape()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Sign the units numbered in ``batch["unit"]``; returns how many documents each
+        contributed and which node did it."""
+        signed = [self.sign(self.units[int(i)]) for i in batch["unit"]]
+        node = ray.get_runtime_context().get_node_id()
+        return {
+            "unit": batch["unit"],
+            "signed": np.array(signed, dtype=np.int64),
+            "node": np.array([node] * len(signed)),
+        }
+
+    def sign(self, unit: dict[str, Any]) -> int:
+        table = read_parquet(storage.join(self.output, unit["docs_path"]), ["doc_key", "text"])
+        removed = exact_removed(self.output, self.config.partitions, unit["key_lo"], unit["key_hi"])
+        keys = table.column("doc_key").to_numpy()
+        texts = table.column("text").to_pylist()
+        keep = [i for i, k in enumerate(keys) if int(k) not in removed]
+        out_keys: list[np.ndarray] = []
+        out_bands: list[np.ndarray] = []
+        for batch in _batches([texts[i] for i in keep], self.config.batch_bytes):
+            lo, hi = batch
+            chunk = [texts[i] for i in keep[lo:hi]]
+            hashes, offsets = shingle_hashes(
+                chunk, self.config.shingle, self.config.ngram, self.config.lowercase
+            )
+            sig = signatures(
+                hashes, offsets, self.config.num_perm, self.config.seed, self.config.scheme
+            )
+            has_shingles = np.diff(offsets) > 0
+            out_keys.append(keys[keep[lo:hi]][has_shingles])
+            out_bands.append(band_keys(sig[has_shingles], self.bands, self.rows))
+        all_keys = np.concatenate(out_keys) if out_keys else np.empty(0, np.int64)
+        all_bands = np.concatenate(out_bands) if out_bands else np.empty((0, self.bands), np.uint64)
+        columns = {"doc_key": pa.array(all_keys, pa.int64())}
+        for b in range(self.bands):
+            columns[f"band{b:03d}"] = pa.array(all_bands[:, b], pa.uint64())
+        with Ledger(self.output).unit(f"sig/{unit['file']}/{unit['index']:05d}") as committed:
+            write_parquet(committed, sig_path(unit), pa.table(columns))
+            committed.metadata.update(signed=len(all_keys))
+        return len(all_keys)
+
+
+def _batches(texts: list[str], limit: int) -> list[tuple[int, int]]:
+    """[lo, hi) ranges of consecutive texts holding about ``limit`` characters each."""
+    ranges = []
+    lo = size = 0
+    for i, text in enumerate(texts):
+        size += len(text)
+        if size >= limit:
+            ranges.append((lo, i + 1))
+            lo, size = i + 1, 0
+    if lo < len(texts):
+        ranges.append((lo, len(texts)))
+    return ranges
+
+
+def explode_bands(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One (bucket, doc_key) row per document and band."""
+    bands = sorted(k for k in batch if k.startswith("band"))
+    keys = np.stack([batch[b] for b in bands], axis=1) if bands else np.empty((0, 0), np.uint64)
+    return {
+        "bucket": keys.reshape(-1).astype(np.uint64),
+        "doc_key": np.repeat(batch["doc_key"].astype(np.int64), len(bands)),
+    }
+
+
+def bucket_edges(block: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Star edges (smallest doc_key of a bucket, each other member) of every bucket in a
+    block that holds whole buckets (Ray Data's hash shuffle by bucket)."""
+    bucket = block["bucket"].astype(np.uint64)
+    key = block["doc_key"].astype(np.int64)
+    order = np.lexsort((key, bucket))
+    bucket, key = bucket[order], key[order]
+    if not len(key):
+        return {"a": np.empty(0, np.int64), "b": np.empty(0, np.int64)}
+    new_group = np.ones(len(key), dtype=bool)
+    new_group[1:] = bucket[1:] != bucket[:-1]
+    first = key[np.flatnonzero(new_group)][np.cumsum(new_group) - 1]
+    linked = ~new_group & (key != first)
+    return {"a": first[linked], "b": key[linked]}
+
+
+def write_output(
+    output: str,
+    unit: dict[str, Any],
+    part: int,
+    config: DedupConfig,
+    train_units: list[dict[str, Any]],
+    near_done: bool,
+) -> dict[str, Any]:
+    """Commit a unit's surviving documents as ``{split}/part-NNNNN.parquet``; returns (and
+    keeps in the ledger) the counts per pile_set_name."""
+    table = read_parquet(storage.join(output, unit["docs_path"]))
+    keys = table.column("doc_key").to_numpy()
+    texts = table.column("text").to_pylist()
+    names = table.column("pile_set_name").to_pylist()
+    reasons = np.zeros(len(keys), dtype=np.int8)
+    rejected = 0
+    if unit["split"] == "train":
+        exact = exact_removed(output, config.partitions, unit["key_lo"], unit["key_hi"])
+        near = (
+            near_members(output, config.partitions, unit["key_lo"], unit["key_hi"])
+            if near_done
+            else {}
+        )
+        if config.verify and near:
+            near, rejected = _verified(
+                output, near, dict(zip(keys.tolist(), texts, strict=True)), config, train_units
+            )
+        for i, k in enumerate(keys.tolist()):
+            if k in exact:
+                reasons[i] = exact[k][0]
+            elif k in near:
+                reasons[i] = NEAR_DUP
+    keep = reasons == 0
+    line = keys & ((1 << LINE_BITS) - 1)
+    out = pa.table(
+        {
+            "text": pa.array([t for t, k in zip(texts, keep, strict=True) if k], pa.string()),
+            "pile_set_name": pa.array(
+                [n for n, k in zip(names, keep, strict=True) if k], pa.string()
+            ),
+            "doc_id": pa.array([f"{unit['file']}:{n}" for n in line[keep].tolist()], pa.string()),
+        }
+    )
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for name, text, reason in zip(names, texts, reasons.tolist(), strict=True):
+        c = counts[name]
+        c["docs_in"] += 1
+        if reason == EXACT_DUP:
+            c["exact_duplicates"] += 1
+        elif reason == NEAR_DUP:
+            c["near_duplicates"] += 1
+        elif reason == CONTAMINATED:
+            c["decontaminated"] += 1
+        else:
+            c["docs_out"] += 1
+            c["bytes_out"] += len(text.encode("utf-8"))
+    metadata = {
+        "split": unit["split"],
+        "components": {n: dict(sorted(c.items())) for n, c in sorted(counts.items())},
+        "verify_rejected": rejected,
+    }
+    with Ledger(output).unit(f"out/{unit['split']}/{part:05d}") as committed:
+        write_parquet(committed, f"{unit['split']}/part-{part:05d}.parquet", out)
+        committed.metadata.update(metadata)
+    return metadata
+
+
+def _verified(
+    output: str,
+    near: dict[int, int],
+    own_texts: dict[int, str],
+    config: DedupConfig,
+    train_units: list[dict[str, Any]],
+) -> tuple[dict[int, int], int]:
+    """The members of ``near`` whose exact Jaccard similarity to their representative
+    reaches the threshold, and how many were rejected."""
+    reps = sorted(set(near.values()))
+    rep_texts = _texts_of(output, reps, train_units)
+    kept: dict[int, int] = {}
+    for member, rep in sorted(near.items()):
+        pair = [own_texts[member], rep_texts[rep]]
+        hashes, offsets = shingle_hashes(pair, config.shingle, config.ngram, config.lowercase)
+        similarity = jaccard(hashes[offsets[0] : offsets[1]], hashes[offsets[1] : offsets[2]])
+        if similarity >= config.threshold:
+            kept[member] = rep
+    return kept, len(near) - len(kept)
+
+
+def _texts_of(output: str, keys: list[int], units: list[dict[str, Any]]) -> dict[int, str]:
+    """The texts of the documents ``keys`` (sorted), read from the units that hold them."""
+    texts: dict[int, str] = {}
+    wanted = np.array(keys, dtype=np.int64)
+    for unit in units:
+        inside = wanted[(wanted >= unit["key_lo"]) & (wanted < unit["key_hi"])]
+        if not len(inside):
+            continue
+        table = read_parquet(storage.join(output, unit["docs_path"]), ["doc_key", "text"])
+        mask = np.isin(table.column("doc_key").to_numpy(), inside)
+        picked = table.filter(pa.array(mask))
+        texts.update(
+            zip(
+                picked.column("doc_key").to_pylist(), picked.column("text").to_pylist(), strict=True
+            )
+        )
+    return texts

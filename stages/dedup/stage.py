@@ -1,0 +1,401 @@
+"""The dedup stage: runs the phases in order, each resumable through the ledger.
+
+1. parse: one Ray task per input file streams it into line-range units (``units.py``),
+   then commits ``parsed/{file}``; a rerun skips committed units and files.
+2. exact: one Ray task per hash partition of the exact-text hashes (``exact/{p}``).
+3. signatures: a Ray Data ``map_batches`` over the train units on an autoscaling actor
+   pool (``sig/{unit}``).
+4. near: Ray Data hash-shuffles (bucket, doc) rows by bucket into star edges, distributed
+   connected components join them (``components.py``), and each partition of the
+   (member, representative) pairs is committed (``clusters/{p}``). The phase reruns
+   whole until every partition is committed.
+5. output: one Ray task per unit writes ``{split}/part-NNNNN.parquet`` (``out/...``).
+6. report: ``report.json`` from the units' counts, committed last; a stage that finds it
+   committed only re-records its metrics.
+
+Every unit's bytes depend only on the input and the non-volatile config, never on worker
+counts, scheduling or where a previous run stopped. ``_work/`` holds the intermediates and
+is removed after the report unless ``keep_intermediate``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+from ray.exceptions import RayTaskError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from tqdm import tqdm
+
+from pipeline import storage
+from pipeline.ledger import Ledger
+from pipeline.stage import StageContext, register
+from stages.dedup.components import connected_components
+from stages.dedup.config import DedupConfig
+from stages.dedup.phases import (
+    Signer,
+    bucket_edges,
+    cluster_path,
+    exact_partition,
+    explode_bands,
+    sig_path,
+    write_output,
+)
+from stages.dedup.reader import MalformedLine, ReadError
+from stages.dedup.units import (
+    LINE_BITS,
+    WORK,
+    FileParser,
+    parquet_bytes,
+    read_parquet,
+)
+
+log = logging.getLogger("meshline.dedup")
+
+REPORT_UNIT = "report"
+REPORT_FILE = "report.json"
+INPUT_SUFFIXES = (".jsonl.zst", ".jsonl")
+COUNTS = (
+    "docs_in",
+    "exact_duplicates",
+    "near_duplicates",
+    "decontaminated",
+    "docs_out",
+    "bytes_out",
+)
+
+
+NODE_ID_LABEL = "ray.io/node-id"
+"""The label Ray gives every node with its id."""
+
+
+class DedupError(Exception):
+    """A unit of the dedup stage failed; the message names its file (and line or offset)."""
+
+
+def input_files(download_uri: str) -> list[tuple[str, str]]:
+    """(name, uri) of every Pile data file the download manifest lists, sorted by name."""
+    manifest = json.loads(storage.read_text(storage.join(download_uri, "manifest.json")))
+    names = sorted(f["name"] for f in manifest["files"] if f["name"].endswith(INPUT_SUFFIXES))
+    return [(name, storage.join(download_uri, name)) for name in names]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where file-writing work may run: anywhere, or on the one node whose local disk
+    holds the output directory."""
+
+    node_id: str | None = None
+
+    @classmethod
+    def for_output(cls, output: str, config: DedupConfig) -> Placement:
+        if storage.is_gcs(output) or config.shared_filesystem:
+            return cls()
+        return cls(ray.get_runtime_context().get_node_id())
+
+    def task_options(self) -> dict[str, Any]:
+        if self.node_id is None:
+            return {}
+        return {"scheduling_strategy": NodeAffinitySchedulingStrategy(self.node_id, soft=False)}
+
+    def data_options(self) -> dict[str, Any]:
+        """For Ray Data operators, which take a node label rather than a strategy."""
+        return {} if self.node_id is None else {"label_selector": {NODE_ID_LABEL: self.node_id}}
+
+
+def _run_tasks(
+    fn: Callable[..., Any],
+    calls: list[tuple[Any, ...]],
+    concurrency: int,
+    desc: str,
+    placement: Placement,
+) -> list[Any]:
+    """Run ``fn(*call)`` for every call as Ray tasks, at most ``concurrency`` at a time;
+    results in call order. A failure raises the task's own error message."""
+    task = ray.remote(fn).options(num_cpus=1, **placement.task_options())
+    results: list[Any] = [None] * len(calls)
+    waiting = list(enumerate(calls))
+    running: dict[ray.ObjectRef, int] = {}
+    with tqdm(total=len(calls), desc=f"dedup {desc}", unit="unit") as bar:
+        while waiting or running:
+            while waiting and len(running) < concurrency:
+                index, call = waiting.pop(0)
+                running[task.remote(*call)] = index
+            done, _ = ray.wait(list(running), num_returns=1)
+            index = running.pop(done[0])
+            results[index] = _get(done[0])
+            bar.update(1)
+    return results
+
+
+def _get(ref: ray.ObjectRef) -> Any:
+    try:
+        return ray.get(ref)
+    except RayTaskError as exc:
+        if isinstance(exc.cause, ReadError | MalformedLine):
+            raise type(exc.cause)(str(exc.cause)) from None
+        raise
+
+
+def _parse_file(output: str, file: str, uri: str, index: int, config: DedupConfig) -> list:
+    ledger = Ledger(output)
+    units = FileParser(ledger, file, uri, index, config).run()
+    with ledger.unit(f"parsed/{file}") as unit:
+        unit.metadata.update(units=len(units))
+    return units
+
+
+def parse_all(ctx: StageContext, files: list[tuple[str, str]], placement: Placement) -> list[dict]:
+    """Every unit's metadata, in file then line order."""
+    config: DedupConfig = ctx.config
+    if len(files) >= 1 << (63 - LINE_BITS):
+        raise DedupError(f"{len(files)} input files: too many for doc keys")
+    calls = []
+    done: dict[int, list] = {}
+    for index, (file, uri) in enumerate(files):
+        if ctx.ledger.is_committed(f"parsed/{file}"):
+            done[index] = list(FileParser(ctx.ledger, file, uri, index, config).committed())
+        else:
+            calls.append((ctx.output, file, uri, index, config))
+    results = _run_tasks(_parse_file, calls, config.parse_concurrency, "parse", placement)
+    for call, units in zip(calls, results, strict=True):
+        done[call[3]] = units
+    return [unit for index in sorted(done) for unit in done[index]]
+
+
+def run_exact(ctx: StageContext, units: list[dict], placement: Placement) -> dict[str, int]:
+    config: DedupConfig = ctx.config
+    keys_paths = [u["keys_path"] for u in units]
+    todo = [p for p in range(config.partitions) if not ctx.ledger.is_committed(f"exact/{p:04d}")]
+    calls = [(ctx.output, p, keys_paths, config) for p in todo]
+    _run_tasks(exact_partition, calls, config.parse_concurrency, "exact", placement)
+    totals: Counter = Counter()
+    for p in range(config.partitions):
+        totals.update(ctx.ledger.record(f"exact/{p:04d}")["metadata"])
+    return dict(totals)
+
+
+def sign_all(ctx: StageContext, train: list[dict], placement: Placement) -> None:
+    """Band keys of every train unit, on a Ray Data actor pool of min..max workers."""
+    config: DedupConfig = ctx.config
+    todo = [
+        i
+        for i, u in enumerate(train)
+        if not ctx.ledger.is_committed(f"sig/{u['file']}/{u['index']:05d}")
+    ]
+    if not todo:
+        return
+    ds = ray.data.from_items([{"unit": i} for i in todo], override_num_blocks=len(todo))
+    ds = ds.map_batches(
+        Signer,
+        fn_constructor_args=(ctx.output, config, train),
+        batch_size=1,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(
+            min_size=config.min_workers, max_size=config.max_workers
+        ),
+        num_cpus=1,
+        **placement.data_options(),
+    )
+    signed = sum(int(row["signed"]) for row in ds.iter_rows())
+    log.info("dedup: signed %d documents in %d units", signed, len(todo))
+
+
+def _read_bands(batch: dict, output: str, train: list[dict]) -> dict:
+    tables = [read_parquet(storage.join(output, sig_path(train[int(i)]))) for i in batch["unit"]]
+    columns = {name: [] for name in tables[0].column_names}
+    for table in tables:
+        for name in columns:
+            columns[name].append(table.column(name).to_numpy())
+    return explode_bands({name: np.concatenate(parts) for name, parts in columns.items()})
+
+
+def find_clusters(ctx: StageContext, train: list[dict], placement: Placement) -> dict[str, Any]:
+    """Near-duplicate clusters: (member, representative) pairs committed per partition;
+    returns the cluster count and samples (kept in partition 0's record)."""
+    config: DedupConfig = ctx.config
+    names = [f"clusters/{p:04d}" for p in range(config.partitions)]
+    if all(ctx.ledger.is_committed(n) for n in names):
+        return ctx.ledger.record(names[0])["metadata"]
+    ds = ray.data.from_items([{"unit": i} for i in range(len(train))])
+    ds = ds.map_batches(
+        _read_bands, fn_args=(ctx.output, train), batch_format="numpy", **placement.data_options()
+    )
+    edges = (
+        ds.repartition(config.partitions, keys=["bucket"])
+        .map_batches(bucket_edges, batch_size=None, batch_format="numpy")
+        .materialize()
+    )
+    components = connected_components(edges.to_arrow_refs(), config.partitions)
+    summary = {
+        "clusters": components.clusters,
+        "samples": [
+            {"size": s.size, "root": s.root, "members": s.members}
+            for s in components.samples[: config.cluster_samples]
+        ],
+    }
+    calls = [
+        (ctx.output, p, ref, summary if p == 0 else {})
+        for p, ref in enumerate(components.partitions)
+        if not ctx.ledger.is_committed(names[p])
+    ]
+    _run_tasks(_write_clusters, calls, config.parse_concurrency, "clusters", placement)
+    return summary
+
+
+def _write_clusters(output: str, partition: int, edges: Any, summary: dict) -> None:
+    table = pa.table(
+        {"doc_key": pa.array(edges[:, 0], pa.int64()), "rep": pa.array(edges[:, 1], pa.int64())}
+    )
+    with Ledger(output).unit(f"clusters/{partition:04d}") as unit:
+        with unit.open(cluster_path(partition)) as f:
+            f.write(parquet_bytes(table, 16_384))
+        unit.metadata.update(summary, members=table.num_rows)
+
+
+def write_all(
+    ctx: StageContext, units: list[dict], train: list[dict], near_done: bool, placement: Placement
+) -> list[dict]:
+    """Write every unit's output shard; returns each shard's record metadata."""
+    config: DedupConfig = ctx.config
+    parts: Counter = Counter()
+    calls = []
+    names = []
+    for unit in units:
+        part = parts[unit["split"]]
+        parts[unit["split"]] += 1
+        name = f"out/{unit['split']}/{part:05d}"
+        names.append(name)
+        if not ctx.ledger.is_committed(name):
+            calls.append((ctx.output, unit, part, config, train, near_done))
+    _run_tasks(write_output, calls, config.parse_concurrency, "write", placement)
+    return [ctx.ledger.record(n)["metadata"] for n in names]
+
+
+def _doc_id(key: int, files: list[tuple[str, str]]) -> str:
+    return f"{files[key >> LINE_BITS][0]}:{key & ((1 << LINE_BITS) - 1)}"
+
+
+def build_report(
+    units: list[dict],
+    shards: list[dict],
+    clusters: dict[str, Any],
+    files: list[tuple[str, str]],
+    config: DedupConfig,
+) -> dict[str, Any]:
+    """report.json: counts per split and pile_set_name, malformed lines per file, the LSH
+    parameters and the largest clusters."""
+    splits: dict[str, dict[str, Counter]] = defaultdict(lambda: defaultdict(Counter))
+    for shard in shards:
+        for name, counts in shard["components"].items():
+            splits[shard["split"]][name].update(counts)
+    components: dict[str, Counter] = defaultdict(Counter)
+    for per_name in splits.values():
+        for name, counts in per_name.items():
+            components[name].update(counts)
+    malformed: dict[str, dict[str, Any]] = {}
+    for unit in units:
+        if unit["malformed"]:
+            entry = malformed.setdefault(unit["file"], {"count": 0, "lines": []})
+            entry["count"] += unit["malformed"]
+            entry["lines"] += unit["malformed_lines"]
+    bands, rows = config.band_shape()
+
+    def table(per_name: dict[str, Counter]) -> dict[str, dict[str, int]]:
+        return {n: {k: int(c[k]) for k in COUNTS} for n, c in sorted(per_name.items())}
+
+    def total(per_name: dict[str, Counter]) -> dict[str, int]:
+        return {k: int(sum(c[k] for c in per_name.values())) for k in COUNTS}
+
+    return {
+        "totals": {**total(components), "malformed": sum(m["count"] for m in malformed.values())},
+        "components": table(components),
+        "splits": {
+            s: {"totals": total(splits[s]), "components": table(splits[s])} for s in sorted(splits)
+        },
+        "malformed": malformed,
+        "near": {
+            "enabled": config.near,
+            "bands": bands,
+            "rows": rows,
+            "threshold": config.threshold,
+            "verify": config.verify,
+            "verify_rejected": sum(s["verify_rejected"] for s in shards),
+            "clusters": clusters.get("clusters", 0),
+            "cluster_samples": [
+                {
+                    "size": s["size"],
+                    "representative": _doc_id(s["root"], files),
+                    "members": [_doc_id(m, files) for m in s["members"]],
+                }
+                for s in clusters.get("samples", [])
+            ],
+        },
+    }
+
+
+def _metric_name(text: str) -> str:
+    """A pile_set_name as MLflow accepts it in a metric name."""
+    return re.sub(r"[^A-Za-z0-9_\-. /]", "_", text)
+
+
+def _record(ctx: StageContext, report: dict[str, Any], seconds: float) -> None:
+    metrics: dict[str, float] = {k: float(v) for k, v in report["totals"].items()}
+    for name, counts in report["components"].items():
+        for key, value in counts.items():
+            metrics[f"{key}.{_metric_name(name)}"] = float(value)
+    metrics["near_clusters"] = float(report["near"]["clusters"])
+    metrics["seconds"] = seconds
+    ctx.record(**metrics)
+
+
+@register("dedup", DedupConfig, inputs=("download",))
+def run(ctx: StageContext) -> None:
+    """Parse, exact-dedup, decontaminate, near-dedup and write the download's files."""
+    config: DedupConfig = ctx.config
+    started = time.monotonic()
+    report_uri = storage.join(ctx.output, REPORT_FILE)
+    if ctx.ledger.is_committed(REPORT_UNIT):
+        log.info("dedup: already complete, report committed")
+        _record(ctx, json.loads(storage.read_text(report_uri)), time.monotonic() - started)
+        return
+    files = input_files(ctx.inputs["download"].uri)
+    placement = Placement.for_output(ctx.output, config)
+    units = parse_all(ctx, files, placement)
+    train = [u for u in units if u["split"] == "train" and u["docs"]]
+    run_exact(ctx, units, placement)
+    clusters: dict[str, Any] = {}
+    near_done = config.near and bool(train)
+    if near_done:
+        sign_all(ctx, train, placement)
+        clusters = find_clusters(ctx, train, placement)
+    shards = write_all(ctx, units, train, near_done, placement)
+    report = build_report(units, shards, clusters, files, config)
+    with ctx.ledger.unit(REPORT_UNIT) as unit, unit.open(REPORT_FILE) as f:
+        f.write(json.dumps(report, indent=1, sort_keys=True).encode())
+    if not config.keep_intermediate:
+        storage.delete(storage.join(ctx.output, WORK), recursive=True)
+    seconds = time.monotonic() - started
+    totals = report["totals"]
+    log.info(
+        "dedup: %d docs in, %d out (%d exact, %d near, %d decontaminated, %d malformed), "
+        "%.1f MB out in %.1f s",
+        totals["docs_in"],
+        totals["docs_out"],
+        totals["exact_duplicates"],
+        totals["near_duplicates"],
+        totals["decontaminated"],
+        totals["malformed"],
+        totals["bytes_out"] / 1e6,
+        seconds,
+    )
+    _record(ctx, report, seconds)

@@ -1,0 +1,161 @@
+"""The dedup stage's parts on their own: the streaming reader against bad input, MinHash
+against exact Jaccard, LSH band choice, and connected components against union-find."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import zstandard
+
+from stages.dedup import minhash
+from stages.dedup.components import connected_components
+from stages.dedup.reader import Document, Malformed, ReadError, iter_lines, parse_line
+from tests.dedup_corpus import edited, pile_line, random_text
+
+
+def write_zst(path: Path, text: str) -> str:
+    path.write_bytes(zstandard.ZstdCompressor().compress(text.encode()))
+    return str(path)
+
+
+def test_reader_counts_lines_across_frames_and_starts_anywhere(tmp_path):
+    lines = [pile_line(f"doc {i}") for i in range(50)]
+    frames = b"".join(
+        zstandard.ZstdCompressor().compress("".join(lines[i : i + 7]).encode())
+        for i in range(0, 50, 7)
+    )
+    path = tmp_path / "multi.jsonl.zst"
+    path.write_bytes(frames)
+    got = list(iter_lines(str(path), "multi.jsonl.zst"))
+    assert [n for n, _ in got] == list(range(1, 51))
+    assert parse_line(got[9][1]) == Document("doc 9", "Pile-CC")
+    tail = list(iter_lines(str(path), "multi.jsonl.zst", start_line=44))
+    assert [n for n, _ in tail] == list(range(44, 51))
+    empty = write_zst(tmp_path / "empty.jsonl.zst", "")
+    assert list(iter_lines(empty, "empty.jsonl.zst")) == []
+    no_newline = write_zst(tmp_path / "last.jsonl.zst", "a\nb")
+    assert list(iter_lines(no_newline, "last.jsonl.zst")) == [(1, b"a"), (2, b"b")]
+
+
+def test_malformed_lines_say_why():
+    assert parse_line(b"not json") == Malformed(
+        "not JSON (Expecting value: line 1 column 1 (char 0))"
+    )
+    assert parse_line(b'{"text": "caf\xe9"}') == Malformed("invalid UTF-8 at byte 13")
+    assert parse_line(b'{"meta": {"pile_set_name": "x"}}') == Malformed("missing text")
+    assert parse_line(b'{"text": 5, "meta": {}}') == Malformed("text is not a string")
+    assert parse_line(b'{"text": "t", "meta": {}}') == Malformed(
+        "meta.pile_set_name missing or not a string"
+    )
+    assert parse_line(b"[1]") == Malformed("not a JSON object")
+    assert "surrogate" in parse_line(b'{"text": "\\ud800", "meta": {"pile_set_name": "x"}}').reason
+
+
+def test_truncated_and_corrupt_zstd_name_file_and_offset(tmp_path):
+    data = zstandard.ZstdCompressor().compress(
+        "".join(pile_line(random_text(random.Random(i), 300)) for i in range(200)).encode()
+    )
+    path = tmp_path / "cut.jsonl.zst"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ReadError, match=rf"cut.jsonl.zst: truncated zstd .* byte {len(data) // 2}"):
+        list(iter_lines(str(path), "cut.jsonl.zst"))
+    path.write_bytes(data + b"this is no zstd frame")
+    with pytest.raises(ReadError, match=r"cut.jsonl.zst: corrupt zstd data near compressed byte"):
+        list(iter_lines(str(path), "cut.jsonl.zst"))
+
+
+def test_a_50_mb_document_streams_as_one_line(tmp_path):
+    rng = random.Random(0)
+    words = random_text(rng, 2000).split()
+    text = " ".join(words[i % len(words)] + str(i % 997) for i in range(6_500_000))
+    assert len(text) > 50_000_000
+    path = write_zst(tmp_path / "big.jsonl.zst", pile_line(text) + pile_line("small"))
+    lines = list(iter_lines(path, "big.jsonl.zst"))
+    assert [n for n, _ in lines] == [1, 2]
+    doc = parse_line(lines[0][1])
+    assert isinstance(doc, Document) and doc.text == text
+    hashes, offsets = minhash.shingle_hashes([doc.text], "word", 5, True)
+    sig = minhash.signatures(hashes, offsets, 128, 1, "one_permutation")
+    assert offsets[1] == 6_500_000 - 4 and (sig < np.iinfo(np.uint32).max).all()
+
+
+@pytest.mark.parametrize("scheme", ["one_permutation", "permutations"])
+def test_signatures_estimate_exact_jaccard(scheme):
+    rng = random.Random(1)
+    base = [random_text(rng, 400) for _ in range(150)]
+    near = [edited(rng, t, rng.choice([0.02, 0.05, 0.1, 0.2])) for t in base]
+    hashes, offsets = minhash.shingle_hashes(base + near, "word", 5, True)
+    truth = np.array(
+        [
+            minhash.jaccard(
+                hashes[offsets[i] : offsets[i + 1]], hashes[offsets[150 + i] : offsets[151 + i]]
+            )
+            for i in range(150)
+        ]
+    )
+    sig = minhash.signatures(hashes, offsets, 256, 7, scheme)
+    estimate = (sig[:150] == sig[150:]).mean(axis=1)
+    assert abs((estimate - truth).mean()) < 0.01
+    assert np.abs(estimate - truth).mean() < 0.03
+
+
+def test_char_shingles_and_short_documents():
+    hashes, offsets = minhash.shingle_hashes(["abcd", "ab", "", "ABCD"], "char", 3, True)
+    assert list(np.diff(offsets)) == [2, 1, 0, 2]
+    assert list(hashes[0:2]) == list(hashes[3:5])
+    words, word_offsets = minhash.shingle_hashes(["one two", "x " * 10], "word", 5, False)
+    assert list(np.diff(word_offsets)) == [1, 6]
+
+
+def test_band_choice_minimises_weighted_error():
+    # The values datasketch's _optimal_param gives for the same arguments.
+    assert minhash.choose_bands(0.7, 256, 0.5, 0.5) == (25, 10)
+    assert minhash.choose_bands(0.5, 128, 0.5, 0.5) == (25, 5)
+    assert minhash.choose_bands(0.8, 128, 0.5, 0.5) == (9, 13)
+    assert minhash.choose_bands(0.7, 256, 0.1, 0.9) == (32, 8)
+
+
+def union_find_roots(edges: np.ndarray) -> dict[int, int]:
+    parent: dict[int, int] = {}
+
+    def find(x: int) -> int:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a, b in edges.tolist():
+        ra, rb = find(a), find(b)
+        parent[max(ra, rb)] = min(ra, rb)
+    return {x: find(x) for x in parent if find(x) != x}
+
+
+@pytest.mark.parametrize("partitions", [1, 4])
+def test_connected_components_match_union_find(ray_cluster, partitions):
+    rng = np.random.default_rng(partitions)
+    edges = rng.integers(0, 3000, size=(2000, 2)) * 11 + 5
+    chain = np.stack([np.arange(0, 500), np.arange(1, 501)], axis=1) * 13
+    edges = np.concatenate([edges, chain[::-1]])
+    blocks = [ray.put(b) for b in np.array_split(edges, 3)]
+    result = connected_components(blocks, partitions)
+    pieces = ray.get(result.partitions)
+    got = {int(a): int(b) for piece in pieces for a, b in piece}
+    want = union_find_roots(edges)
+    assert got == want
+    assert result.clusters == len(set(want.values()))
+    assert result.samples[0].size == max(
+        [list(want.values()).count(r) + 1 for r in set(want.values())]
+    )
+    assert all((np.diff(p[:, 0]) > 0).all() for p in pieces)
+
+
+def test_no_edges_no_components(ray_cluster):
+    result = connected_components([], 3)
+    assert result.clusters == 0 and [len(p) for p in ray.get(result.partitions)] == [0, 0, 0]
+    json.dumps([s.__dict__ for s in result.samples])
