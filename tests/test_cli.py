@@ -60,7 +60,7 @@ def test_demo_download_runs_skips_and_forces(tmp_path):
     root = str(tmp_path / "root")
     assert status(DEMO, root)["download"]["state"] == "PENDING"
 
-    first = meshline("run", DEMO, "--set", f"root={root}")
+    first = meshline("run", DEMO, "--stage", "download", "--set", f"root={root}")
     assert first.returncode == 0, first.stdout + first.stderr
     assert "download   done" in first.stdout
     report = status(DEMO, root)["download"]
@@ -71,7 +71,7 @@ def test_demo_download_runs_skips_and_forces(tmp_path):
     manifest = read_json(os.path.join(report["output"], "manifest.json"))
     assert sorted(f["name"] for f in manifest["files"]) == sorted(expected)
 
-    second = meshline("run", DEMO, "--set", f"root={root}")
+    second = meshline("run", DEMO, "--stage", "download", "--set", f"root={root}")
     assert second.returncode == 0 and "download   reused" in second.stdout
     assert status(DEMO, root)["download"] == report
 
@@ -230,7 +230,17 @@ def ray_head() -> Iterator[str]:
 
 def test_submit_runs_the_demo_download_on_a_ray_head(ray_head, tmp_path):
     root = str(tmp_path / "root")
-    result = meshline("submit", DEMO, "--address", ray_head, "--wait", "--set", f"root={root}")
+    result = meshline(
+        "submit",
+        DEMO,
+        "--address",
+        ray_head,
+        "--wait",
+        "--stage",
+        "download",
+        "--set",
+        f"root={root}",
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCEEDED" in result.stdout
     assert status(DEMO, root)["download"]["state"] == "DONE"
