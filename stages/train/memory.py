@@ -1,4 +1,4 @@
-"""Ahead-of-time memory analysis of a training step on abstract shapes (nothing allocated).
+"""Ahead-of-time memory analysis of the training step on abstract shapes (nothing allocated).
 
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m stages.train.memory gptj-6b
 --mesh 1,1,8 --batch 1`` lowers and compiles one step (float32 params and Adam moments,
@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from stages.train import sharding
-from stages.train.model import Transformer, init_params
+from stages.train import optim, sharding
+from stages.train.model import init_params
 from stages.train.model_config import ModelConfig, preset
 
 GIB = 2**30
@@ -52,22 +52,6 @@ class MemoryReport:
         )
 
 
-def lm_loss(config: ModelConfig, params: dict, tokens: jax.Array) -> jax.Array:
-    """Mean next-token cross-entropy of rows [B, S+1] (inputs ``[:-1]``, targets ``[1:]``)."""
-    logits = Transformer(config).apply({"params": params}, tokens[:, :-1])
-    logp = jax.nn.log_softmax(logits)
-    return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1).mean()
-
-
-def adamw(learning_rate: float = 1.2e-4, weight_decay: float = 0.1) -> optax.GradientTransformation:
-    """mesh-transformer-jax's update without its schedule: clip 1.0, Adam, decay on matrices."""
-    decay_mask = partial(jax.tree.map, lambda p: p.ndim > 1)
-    return optax.chain(
-        optax.clip_by_global_norm(1.0),
-        optax.adamw(learning_rate, 0.9, 0.999, 1e-8, weight_decay=weight_decay, mask=decay_mask),
-    )
-
-
 def _with_shardings(tree: object, shardings: object) -> object:
     return jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings
@@ -78,7 +62,7 @@ def compile_train_step(
     config: ModelConfig, mesh: Mesh, batch: int, seq_len: int
 ) -> jax.stages.Compiled:
     """One donated-buffer training step compiled for ``mesh`` from abstract inputs only."""
-    tx = adamw()
+    tx = optim.optimizer(optim.OptimizerConfig(), grad_accum=1)
     param_shardings = sharding.param_shardings(config, mesh)
     params = jax.eval_shape(lambda r: nn.unbox(init_params(config, r)), jax.random.key(0))
     params = _with_shardings(params, param_shardings)
@@ -88,20 +72,18 @@ def compile_train_step(
         tx, lambda _, s: s, opt_state, param_shardings, transform_non_params=lambda _: replicated
     )
     opt_state = _with_shardings(opt_state, opt_shardings)
-    tokens = jax.ShapeDtypeStruct(
-        (batch, seq_len + 1), jnp.int32, sharding=sharding.batch_sharding(mesh)
+    rows = jax.ShapeDtypeStruct(
+        (1, batch, seq_len + 1), jnp.int32, sharding=sharding.micro_batch_sharding(mesh)
     )
-
-    def step(params: dict, opt_state: optax.OptState, tokens: jax.Array) -> tuple:
-        loss, grads = jax.value_and_grad(partial(lm_loss, config))(params, tokens)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
+    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+    train_step = partial(optim.train_step, config, tx, optim.schedule(optim.OptimizerConfig()))
     jitted = jax.jit(
-        step, donate_argnums=(0, 1), out_shardings=(param_shardings, opt_shardings, replicated)
+        train_step,
+        donate_argnums=(0, 1),
+        out_shardings=(param_shardings, opt_shardings, replicated),
     )
     with sharding.activation_sharding(mesh):
-        return jitted.lower(params, opt_state, tokens).compile()
+        return jitted.lower(params, opt_state, step, rows).compile()
 
 
 def memory_report(

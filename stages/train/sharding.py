@@ -70,6 +70,12 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, spec)
 
 
+def micro_batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of [micro_batches, batch, length] token arrays (gradient accumulation)."""
+    spec = nn.logical_to_mesh_axes((None, "batch", "length"), LOGICAL_RULES)
+    return NamedSharding(mesh, spec)
+
+
 def init_sharded(config: ModelConfig, mesh: Mesh, rng: jax.Array) -> dict:
     """Unboxed parameters initialised directly into their shards (never whole on one device)."""
     init = jax.jit(

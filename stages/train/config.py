@@ -1,0 +1,198 @@
+"""The train stage's config: model, mesh, batch, recipe, checkpoints, placement.
+
+Only pydantic here (no JAX), so the stage registry and the executor import it cheaply; the
+host actors import the JAX code.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from pipeline.stage import StageConfig
+
+Recipe = Literal["gptj", "neox-20b"]
+
+RECIPES: dict[str, dict[str, float | int]] = {
+    # mesh-transformer-jax configs/6B_roto_256.json
+    "gptj": dict(
+        lr=1.2e-4,
+        end_lr=1.2e-5,
+        warmup_steps=3000,
+        anneal_steps=300000,
+        weight_decay=0.1,
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        clip=1.0,
+    ),
+    # gpt-neox configs/20B.yml: train_iters 150000, warmup 0.01, cosine to min_lr
+    "neox-20b": dict(
+        lr=0.97e-4,
+        end_lr=0.97e-5,
+        warmup_steps=1500,
+        anneal_steps=148500,
+        weight_decay=0.01,
+        b1=0.9,
+        b2=0.95,
+        eps=1e-8,
+        clip=1.0,
+    ),
+}
+
+
+class OptimizerConfig(BaseModel):
+    """One recipe's optimiser and schedule; fields left out take the recipe's values."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+    recipe: Recipe = "gptj"
+    """Whose numbers fill the fields not given: mesh-transformer-jax's GPT-J 6B or NeoX-20B."""
+    lr: float = Field(gt=0)
+    """Peak learning rate, reached at the end of warmup."""
+    end_lr: float = Field(ge=0)
+    """Learning rate after the cosine anneal, held to the end."""
+    warmup_steps: int = Field(gt=0)
+    """Steps of linear warmup from 0 (the first update has lr 0)."""
+    anneal_steps: int = Field(gt=0)
+    """Steps of cosine decay from ``lr`` to ``end_lr`` after warmup."""
+    weight_decay: float = Field(ge=0)
+    """Decoupled weight decay, applied only to per-layer matrices (ndim > 1)."""
+    b1: float = Field(gt=0, lt=1)
+    """Adam beta1."""
+    b2: float = Field(gt=0, lt=1)
+    """Adam beta2."""
+    eps: float = Field(gt=0)
+    """Adam epsilon."""
+    clip: float = Field(gt=0)
+    """Global-norm gradient clip, applied to the mean gradient of the step."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_from_recipe(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        recipe = data.get("recipe", "gptj")
+        if recipe not in RECIPES:
+            raise ValueError(f"unknown optimizer recipe {recipe!r}; known: {', '.join(RECIPES)}")
+        return {**RECIPES[recipe], **data}
+
+
+class MeshConfig(BaseModel):
+    """Sizes of the (data, fsdp, model) device mesh; one size may be -1: the rest of the
+    devices."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+    data: int = 1
+    """Pure data-parallel replicas."""
+    fsdp: int = -1
+    """Data-parallel replicas that also shard parameters and optimiser state."""
+    model: int = 1
+    """Tensor-parallel ways (heads, MLP width, vocabulary); GPT-J 6B used 8."""
+
+    @model_validator(mode="after")
+    def _check(self) -> MeshConfig:
+        sizes = (self.data, self.fsdp, self.model)
+        if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+            raise ValueError(f"mesh sizes {sizes}: positive, at most one -1")
+        return self
+
+    def resolve(self, devices: int) -> tuple[int, int, int]:
+        """The three sizes for ``devices`` devices, -1 filled in."""
+        sizes = [self.data, self.fsdp, self.model]
+        known = -1 * sizes[0] * sizes[1] * sizes[2] if -1 in sizes else None
+        if known is not None:
+            if devices % known:
+                raise ValueError(f"mesh {tuple(sizes)} does not divide {devices} devices")
+            sizes[sizes.index(-1)] = devices // known
+        if sizes[0] * sizes[1] * sizes[2] != devices:
+            raise ValueError(
+                f"mesh {tuple(sizes)} needs {sizes[0] * sizes[1] * sizes[2]} "
+                f"devices, there are {devices}"
+            )
+        return sizes[0], sizes[1], sizes[2]
+
+
+class PlacementConfig(BaseModel):
+    """Where the host actors run: one Ray actor per host, the same training code on each."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+    platform: Literal["cpu", "gpu", "tpu"] = "cpu"
+    """cpu: ``hosts`` local processes with virtual devices joined over 127.0.0.1 (gloo);
+    gpu: one actor per node holding ``devices_per_host`` GPUs; tpu: one actor per TPU VM
+    host of a ``tpu_type`` slice, placed with its ``TPU-{tpu_type}-head`` resource."""
+    hosts: int = Field(default=1, gt=0)
+    """Host actors (JAX processes). On TPU, the slice's host count (e.g. 4 for v4-32)."""
+    devices_per_host: int = Field(default=1, gt=0)
+    """Devices per host: virtual CPU devices, GPUs per node, or TPU chips per host."""
+    cpus_per_host: float = Field(default=1, ge=0)
+    """CPUs each host actor reserves."""
+    tpu_type: str | None = None
+    """TPU slice type (e.g. ``v4-32``) whose head resource pins host 0's slice."""
+    max_restarts: int = Field(default=2, ge=0)
+    """Times all hosts are restarted from the last checkpoint after one dies, then fail."""
+
+    @model_validator(mode="after")
+    def _check(self) -> PlacementConfig:
+        if self.platform == "tpu" and not self.tpu_type:
+            raise ValueError("platform tpu needs tpu_type (e.g. v4-32)")
+        return self
+
+
+class TrainConfig(StageConfig):
+    """Train a GPT-J / NeoX model on the tokenize stage's rows."""
+
+    volatile_fields = frozenset({"peak_flops_per_device", "log_every"})
+
+    model: str = "gptj-tiny"
+    """Model preset name (``stages.train.model_config.PRESETS``)."""
+    model_overrides: dict[str, Any] = {}
+    """Preset fields replaced, e.g. ``{remat: full, n_layers: 2}``."""
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    """Compute dtype; parameters and optimiser state are always float32."""
+    mesh: MeshConfig = MeshConfig()
+    """Device mesh over all hosts' devices."""
+    placement: PlacementConfig = PlacementConfig()
+    """How many host actors, where, with which devices."""
+    global_batch: int = Field(gt=0)
+    """Sequences per optimiser step, over all hosts and micro-batches."""
+    micro_batches: int = Field(default=1, gt=0)
+    """Gradient-accumulation micro-batches per step (GPT-J 6B: 16)."""
+    steps: int = Field(gt=0)
+    """Optimiser steps to train for (the run ends here; the schedule has its own length)."""
+    optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig())
+    """Recipe and schedule."""
+    z_loss: float = Field(default=0.0, ge=0)
+    """Weight of PaLM's z-loss ``mean(logsumexp(logits)^2)``; 0 turns it off."""
+    val_every: int = Field(default=500, gt=0)
+    """Steps between validation losses (and one at the end)."""
+    val_batches: int = Field(default=100, gt=0)
+    """Validation batches of ``global_batch / micro_batches`` rows each."""
+    checkpoint_every: int = Field(default=500, gt=0)
+    """Steps between checkpoints (and one at the end)."""
+    keep: int = Field(default=3, gt=0)
+    """Most recent checkpoints kept."""
+    keep_every: int | None = Field(default=None, gt=0)
+    """Checkpoints at multiples of this step are kept for good (GPT-J 6B: 10000)."""
+    seed: int = 0
+    """Seed of the parameter init and of the data order."""
+    init_from: str | None = None
+    """A train stage output (or its ``checkpoints`` dir) whose latest params start this run."""
+    init_optimizer: bool = False
+    """Carry the optimiser state and step count of ``init_from`` too (else fresh)."""
+    peak_flops_per_device: float | None = Field(default=None, gt=0)
+    """Peak FLOP/s of one device for MFU; unset: a float32 matmul measured on each host."""
+    log_every: int = Field(default=1, gt=0)
+    """Steps between metric records sent to MLflow (each one batch of scalars)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.global_batch % self.micro_batches:
+            raise ValueError(
+                f"global_batch {self.global_batch} is not a multiple of micro_batches "
+                f"{self.micro_batches}"
+            )
+        return self

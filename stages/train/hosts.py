@@ -1,0 +1,162 @@
+"""Ray placement of the training hosts: one actor per host, the same code on CPU, GPU, TPU.
+
+Each ``TrainHost`` actor is one JAX process. Placement is the only difference between
+platforms: on CPU, ``hosts`` local processes whose virtual devices come from ``XLA_FLAGS``
+(set in the actor's environment, before JAX is imported) joined over 127.0.0.1 with gloo
+collectives; on GPU one actor per node holding its GPUs; on TPU host 0 takes the slice's
+``TPU-{type}-head`` resource and the others the slice's own resource (its pod name), each
+with its chips, and ``jax.distributed.initialize()`` reads the topology from the TPU VM.
+
+If a host dies, every host is stopped (JAX collectives cannot lose a member) and a fresh set
+resumes from the last checkpoint, up to ``max_restarts`` times; then the stage fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError
+from ray.util.queue import Empty, Queue
+
+from stages.train.config import PlacementConfig, TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+class HostsFailed(RuntimeError):
+    """The hosts died more often than ``max_restarts`` allows."""
+
+
+@ray.remote(max_restarts=0)
+class TrainHost:
+    """One JAX process of the run."""
+
+    def __init__(self, index: int, count: int, platform: str):
+        import jax
+
+        self.index, self.count, self.platform = index, count, platform
+        if platform == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+
+    def coordinator(self) -> str:
+        """An address on this node for the other processes to join (host 0 only)."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        address = "127.0.0.1" if self.platform == "cpu" else ray.util.get_node_ip_address()
+        return f"{address}:{port}"
+
+    def slice_name(self) -> str:
+        """The TPU pod slice this host is on (its Ray resource name)."""
+        from ray.util.accelerators import tpu
+
+        name = tpu.get_current_pod_name()
+        if not name:
+            raise RuntimeError("host 0 holds the TPU head resource but reports no pod name")
+        return name
+
+    def join(self, coordinator: str | None) -> int:
+        """``jax.distributed.initialize``; returns the global device count."""
+        import jax
+
+        if self.platform == "tpu":
+            jax.distributed.initialize()
+        elif self.count > 1:
+            jax.distributed.initialize(coordinator, self.count, self.index)
+        return jax.device_count()
+
+    def train(self, config: TrainConfig, tokenize: str, output: str, queue: Queue | None) -> dict:
+        import logging as host_logging
+
+        from stages.train.trainer import Trainer
+
+        host_logging.basicConfig(level=host_logging.INFO, format="%(message)s")
+        trainer = Trainer(config, tokenize, output)
+        sink = None if queue is None else queue.put
+        result = trainer.train(sink)
+        return {**result.__dict__, "losses": dict(result.losses)}
+
+
+def actor_options(placement: PlacementConfig, index: int, slice_name: str | None) -> dict:
+    """Ray options placing host ``index``."""
+    options: dict[str, Any] = {"num_cpus": placement.cpus_per_host}
+    if placement.platform == "cpu":
+        flags = f"--xla_force_host_platform_device_count={placement.devices_per_host}"
+        options["runtime_env"] = {"env_vars": {"XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}}
+    elif placement.platform == "gpu":
+        options["num_gpus"] = placement.devices_per_host
+    else:
+        pinned = f"TPU-{placement.tpu_type}-head" if index == 0 else slice_name
+        options["resources"] = {"TPU": placement.devices_per_host, pinned: 1}
+    return options
+
+
+def _start(placement: PlacementConfig) -> list[Any]:
+    count = placement.hosts
+    first = TrainHost.options(**actor_options(placement, 0, None)).remote(
+        0, count, placement.platform
+    )
+    slice_name = ray.get(first.slice_name.remote()) if placement.platform == "tpu" else None
+    rest = [
+        TrainHost.options(**actor_options(placement, i, slice_name)).remote(
+            i, count, placement.platform
+        )
+        for i in range(1, count)
+    ]
+    hosts = [first, *rest]
+    coordinator = ray.get(first.coordinator.remote())
+    devices = ray.get([h.join.remote(coordinator) for h in hosts])
+    log.info("train: %d hosts joined, %d devices", count, devices[0])
+    return hosts
+
+
+def _drain(queue: Queue, sink: Callable[[dict[str, float]], None]) -> None:
+    while True:
+        try:
+            records = queue.get_nowait_batch(queue.qsize())
+        except Empty:
+            return
+        if not records:
+            return
+        for record in records:
+            sink(record)
+
+
+def run_hosts(
+    config: TrainConfig, tokenize: str, output: str, sink: Callable[[dict[str, float]], None]
+) -> dict:
+    """Train on ``placement.hosts`` actors; host 0's metric records go to ``sink``.
+    Returns host 0's result."""
+    placement = config.placement
+    for attempt in range(placement.max_restarts + 1):
+        queue = Queue(actor_options={"num_cpus": 0})
+        hosts = _start(placement)
+        pending = [
+            h.train.remote(config, tokenize, output, queue if i == 0 else None)
+            for i, h in enumerate(hosts)
+        ]
+        results: dict[Any, dict] = {}
+        try:
+            while len(results) < len(pending):
+                done, _ = ray.wait(
+                    [r for r in pending if r not in results], num_returns=1, timeout=2.0
+                )
+                _drain(queue, sink)
+                for ref in done:
+                    results[ref] = ray.get(ref)
+            _drain(queue, sink)
+            return results[pending[0]]
+        except RayActorError as error:
+            log.warning("train: a host died (attempt %d): %s", attempt + 1, error)
+        finally:
+            for host in hosts:
+                ray.kill(host)
+            ray.kill(queue.actor)
+    raise HostsFailed(
+        f"training hosts died {placement.max_restarts + 1} times; the last checkpoint in "
+        f"{output}/checkpoints is kept"
+    )
