@@ -1,5 +1,4 @@
 """The pipeline's stages. Importing this package registers every stage with the executor."""
 
 # One import per stage module; each registers itself with ``pipeline.stage.register``.
-from stages import dedup, download, tokenize  # noqa: F401
-from stages.train import stage as train  # noqa: F401
+from stages import dedup, download, tokenize, train  # noqa: F401
