@@ -8,12 +8,11 @@ JSON report it prints.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from functools import lru_cache
 
 import pytest
+
+from tests.virtual_devices import run_on_virtual_devices
 
 MESHES = [(8, 1, 1), (2, 2, 2), (1, 4, 2)]
 
@@ -74,17 +73,7 @@ def _worker() -> None:
 
 @lru_cache(maxsize=1)
 def sharded_report() -> dict:
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    done = subprocess.run(
-        [sys.executable, __file__],
-        env=env,
-        capture_output=True,
-        text=True,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_on_virtual_devices(__file__, 8)
 
 
 @pytest.mark.parametrize("shape", MESHES)

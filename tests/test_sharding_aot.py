@@ -8,10 +8,9 @@ XLA's per-device memory analysis as JSON.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from functools import lru_cache
+
+from tests.virtual_devices import run_on_virtual_devices
 
 GIB = 2**30
 V3_CORE_HBM = 16 * GIB
@@ -40,17 +39,7 @@ def _worker() -> None:
 
 @lru_cache(maxsize=1)
 def aot_reports() -> dict:
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=32"}
-    done = subprocess.run(
-        [sys.executable, __file__],
-        env=env,
-        capture_output=True,
-        text=True,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_on_virtual_devices(__file__, 32)
 
 
 def peak(report: dict) -> int:
