@@ -73,23 +73,26 @@ def test_near_duplicate_quality_against_exact_jaccard(ray_cluster, tmp_path, cap
     text = "".join(pile_line(d) for d in docs)
     download = make_download(tmp_path / "dl", {"train/00.jsonl.zst": text})
     out = tmp_path / "out"
-    run_dedup(download, out, unit_docs=200, bands=16, rows=12, keep_intermediate=True, partitions=4)
+    run_dedup(download, out, unit_docs=200, keep_intermediate=True, partitions=4)
     truth = true_duplicates(docs, 0.7)
     clusters = [pq.read_table(p).to_pylist() for p in sorted(out.glob("_work/clusters/*.parquet"))]
     line = (1 << 40) - 1
     members = {(r["doc_key"] & line) - 1 for part in clusters for r in part}
     detected = members | {(r["rep"] & line) - 1 for part in clusters for r in part}
     precision, recall = precision_recall(detected, truth)
+    report = json.loads((out / "report.json").read_text())
+    near = report["near"]
     with capsys.disabled():
         print(
-            f"\ndedup quality (threshold 0.7, 16x12 bands, {len(docs)} docs, {len(truth)} true "
-            f"duplicates): precision {precision:.3f} recall {recall:.3f}"
+            f"\ndedup quality (threshold {near['threshold']}, {near['bands']}x{near['rows']} "
+            f"bands, verified edges, {len(docs)} docs, {len(truth)} true duplicates): "
+            f"precision {precision:.3f} recall {recall:.3f}"
         )
-    # Issue 3 asks for >= 0.95 on both: this adversarial corpus gives ~0.956 / 0.949 here.
-    assert precision >= 0.94 and recall >= 0.94
+    # Issue 3: >= 0.95 on both at the configured threshold, with the default config.
+    assert precision >= 0.95 and recall >= 0.95
+    assert near["verify"] and near["verify_rejected"] > 0
     kept = {int(r["doc_id"].rsplit(":", 1)[1]) - 1 for r in output_rows(out)}
     removed = set(range(len(docs))) - kept
-    report = json.loads((out / "report.json").read_text())
     assert members <= removed
     assert len(removed - members) == report["totals"]["exact_duplicates"]
     assert report["totals"]["near_duplicates"] == len(members)

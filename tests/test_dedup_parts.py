@@ -14,6 +14,7 @@ import zstandard
 
 from stages.dedup import minhash
 from stages.dedup.components import connected_components
+from stages.dedup.phases import PAIR_WINDOW, bucket_pairs
 from stages.dedup.reader import Document, Malformed, ReadError, iter_lines, parse_line
 from tests.dedup_corpus import edited, pile_line, random_text
 
@@ -102,6 +103,33 @@ def test_signatures_estimate_exact_jaccard(scheme):
     estimate = (sig[:150] == sig[150:]).mean(axis=1)
     assert abs((estimate - truth).mean()) < 0.01
     assert np.abs(estimate - truth).mean() < 0.03
+
+
+def test_pair_jaccard_of_shingle_sets_is_exact():
+    rng = random.Random(2)
+    base = [random_text(rng, 200) for _ in range(20)]
+    docs = base + [edited(rng, t, rate) for t in base for rate in (0.01, 0.2)] + ["", "a"]
+    hashes, offsets = minhash.shingle_hashes(docs, "word", 5, True)
+    values, set_offsets = minhash.shingle_sets(hashes, offsets)
+    a = np.array([rng.randrange(len(docs)) for _ in range(300)] + list(range(20)) + [60])
+    b = np.array([rng.randrange(len(docs)) for _ in range(300)] + list(range(20, 60, 2)) + [60])
+    truth = [
+        minhash.jaccard(hashes[offsets[i] : offsets[i + 1]], hashes[offsets[j] : offsets[j + 1]])
+        for i, j in zip(a, b, strict=True)
+    ]
+    assert np.allclose(minhash.pair_jaccard(values, set_offsets, a, b), truth)
+    assert min(truth[300:320]) > 0.5
+
+
+def test_bucket_pairs_link_whole_small_buckets_and_chain_large_ones():
+    small = [(1, k) for k in (30, 10, 20)]
+    large = [(2, k) for k in range(100, 100 + PAIR_WINDOW + 3)]
+    bucket, key = zip(*(small + large + [(3, 5)]), strict=True)
+    pairs = bucket_pairs({"bucket": np.array(bucket, np.uint64), "doc_key": np.array(key)})
+    found = set(zip(pairs["a"].tolist(), pairs["b"].tolist(), strict=True))
+    assert {(10, 20), (10, 30), (20, 30)} <= found and all(a < b for a, b in found)
+    assert (100, 100 + PAIR_WINDOW) in found and (100, 101 + PAIR_WINDOW) not in found
+    assert len(found) == 3 + sum(min(PAIR_WINDOW, n) for n in range(PAIR_WINDOW + 3))
 
 
 def test_char_shingles_and_short_documents():

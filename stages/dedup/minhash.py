@@ -316,3 +316,38 @@ def jaccard(a: np.ndarray, b: np.ndarray) -> float:
         return 1.0
     inter = len(np.intersect1d(a, b, assume_unique=True))
     return inter / (len(a) + len(b) - inter)
+
+
+def shingle_sets(hashes: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each document's shingle hashes (``hashes[offsets[i]:offsets[i + 1]]``) as a sorted set:
+    (values, offsets) in the same layout."""
+    docs = len(offsets) - 1
+    doc = np.repeat(np.arange(docs), np.diff(offsets))
+    order = np.lexsort((hashes, doc))
+    values, doc = hashes[order], doc[order]
+    first = np.ones(len(values), dtype=bool)
+    first[1:] = (values[1:] != values[:-1]) | (doc[1:] != doc[:-1])
+    counts = np.bincount(doc[first], minlength=docs)
+    return values[first], np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+
+def pair_jaccard(
+    values: np.ndarray, offsets: np.ndarray, a: np.ndarray, b: np.ndarray
+) -> np.ndarray:
+    """Exact Jaccard similarity of sets ``a[k]`` and ``b[k]`` for every k, where set i is
+    ``values[offsets[i]:offsets[i + 1]]`` (sorted, unique, as ``shingle_sets`` gives)."""
+    pairs = np.arange(len(a))
+    len_a, len_b = offsets[a + 1] - offsets[a], offsets[b + 1] - offsets[b]
+
+    def gather(sets: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        starts = np.repeat(offsets[sets] - np.cumsum(lengths) + lengths, lengths)
+        return values[starts + np.arange(int(lengths.sum()))]
+
+    pair = np.concatenate([np.repeat(pairs, len_a), np.repeat(pairs, len_b)])
+    value = np.concatenate([gather(a, len_a), gather(b, len_b)])
+    order = np.lexsort((value, pair))
+    pair, value = pair[order], value[order]
+    shared = (pair[1:] == pair[:-1]) & (value[1:] == value[:-1])
+    inter = np.bincount(pair[1:][shared], minlength=len(a))
+    union = len_a + len_b - inter
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)

@@ -4,8 +4,10 @@ these as Ray tasks, Ray Data actors and shuffles, and commits each result as a l
 - ``exact_partition``: one hash partition of every unit's exact-hash keys -> the train
   documents removed as exact duplicates or as copies of val/test documents.
 - ``Signer``: a unit's surviving train documents -> MinHash LSH band keys.
-- ``explode_bands`` / ``bucket_edges``: band keys -> (bucket, doc) rows -> after Ray Data's
-  hash shuffle by bucket, star edges from each bucket's smallest document to the others.
+- ``explode_bands`` / ``bucket_pairs``: band keys -> (bucket, doc) rows -> after Ray Data's
+  hash shuffle by bucket, candidate pairs of documents sharing a bucket.
+- ``PairVerifier``: candidate pairs -> those whose exact Jaccard similarity reaches the
+  threshold (the edges of the near-duplicate graph).
 - ``write_output``: a unit's documents minus removals -> one output shard and its counts.
 """
 
@@ -16,12 +18,19 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from pipeline import storage
 from pipeline.ledger import Ledger
 from stages.dedup.config import DedupConfig
-from stages.dedup.minhash import band_keys, jaccard, shingle_hashes, signatures
+from stages.dedup.minhash import (
+    band_keys,
+    pair_jaccard,
+    shingle_hashes,
+    shingle_sets,
+    signatures,
+)
 from stages.dedup.units import (
     CONTAMINATED,
     EXACT_DUP,
@@ -34,6 +43,10 @@ from stages.dedup.units import (
     read_partition,
     write_parquet,
 )
+
+PAIR_WINDOW = 8
+"""Candidate pairs of a bucket: each member with this many next members (every pair of a
+bucket of up to PAIR_WINDOW + 1 documents; a chain through larger ones)."""
 
 REMOVAL_SCHEMA = pa.schema([("doc_key", pa.int64()), ("reason", pa.int8()), ("rep", pa.int64())])
 
@@ -48,6 +61,10 @@ def cluster_path(partition: int) -> str:
 
 def sig_path(unit: dict[str, Any]) -> str:
     return f"{WORK}/sig/{unit['file']}/{unit['index']:05d}.parquet"
+
+
+def shingles_path(unit: dict[str, Any]) -> str:
+    return f"{WORK}/shingles/{unit['file']}/{unit['index']:05d}.parquet"
 
 
 def exact_partition(
@@ -157,6 +174,7 @@ class Signer:
         keep = [i for i, k in enumerate(keys) if int(k) not in removed]
         out_keys: list[np.ndarray] = []
         out_bands: list[np.ndarray] = []
+        out_sets: list[pa.Array] = []
         for batch in _batches([texts[i] for i in keep], self.config.batch_bytes):
             lo, hi = batch
             chunk = [texts[i] for i in keep[lo:hi]]
@@ -169,6 +187,10 @@ class Signer:
             has_shingles = np.diff(offsets) > 0
             out_keys.append(keys[keep[lo:hi]][has_shingles])
             out_bands.append(band_keys(sig[has_shingles], self.bands, self.rows))
+            if self.config.verify:
+                values, set_offsets = shingle_sets(hashes, offsets)
+                sets = pa.LargeListArray.from_arrays(set_offsets, pa.array(values, pa.uint64()))
+                out_sets.append(sets.filter(pa.array(has_shingles)))
         all_keys = np.concatenate(out_keys) if out_keys else np.empty(0, np.int64)
         all_bands = np.concatenate(out_bands) if out_bands else np.empty((0, self.bands), np.uint64)
         columns = {"doc_key": pa.array(all_keys, pa.int64())}
@@ -176,6 +198,13 @@ class Signer:
             columns[f"band{b:03d}"] = pa.array(all_bands[:, b], pa.uint64())
         with Ledger(self.output).unit(f"sig/{unit['file']}/{unit['index']:05d}") as committed:
             write_parquet(committed, sig_path(unit), pa.table(columns))
+            if self.config.verify:
+                sets = pa.chunked_array(out_sets, pa.large_list(pa.uint64()))
+                write_parquet(
+                    committed,
+                    shingles_path(unit),
+                    pa.table({"doc_key": columns["doc_key"], "shingles": sets}),
+                )
             committed.metadata.update(signed=len(all_keys))
         return len(all_keys)
 
@@ -204,20 +233,56 @@ def explode_bands(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
-def bucket_edges(block: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Star edges (smallest doc_key of a bucket, each other member) of every bucket in a
-    block that holds whole buckets (Ray Data's hash shuffle by bucket)."""
+def bucket_pairs(block: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Candidate pairs (a < b) of every bucket in a block that holds whole buckets (Ray
+    Data's hash shuffle by bucket): each member with the next ``PAIR_WINDOW`` members in
+    doc_key order, so every pair of a small bucket and a chain through a large one."""
     bucket = block["bucket"].astype(np.uint64)
     key = block["doc_key"].astype(np.int64)
     order = np.lexsort((key, bucket))
     bucket, key = bucket[order], key[order]
-    if not len(key):
-        return {"a": np.empty(0, np.int64), "b": np.empty(0, np.int64)}
-    new_group = np.ones(len(key), dtype=bool)
-    new_group[1:] = bucket[1:] != bucket[:-1]
-    first = key[np.flatnonzero(new_group)][np.cumsum(new_group) - 1]
-    linked = ~new_group & (key != first)
-    return {"a": first[linked], "b": key[linked]}
+    a_parts, b_parts = [], []
+    for step in range(1, PAIR_WINDOW + 1):
+        same = (bucket[step:] == bucket[:-step]) & (key[step:] != key[:-step])
+        a_parts.append(key[:-step][same])
+        b_parts.append(key[step:][same])
+    return {"a": np.concatenate(a_parts), "b": np.concatenate(b_parts)}
+
+
+class PairVerifier:
+    """A Ray Data map: keeps the candidate pairs whose exact Jaccard similarity of shingle
+    sets reaches the threshold, reading the sets of the pairs' documents from the units'
+    shingle files."""
+
+    def __init__(self, output: str, units: list[dict[str, Any]], threshold: float):
+        self.output = output
+        self.units = units
+        self.key_lo = np.array([u["key_lo"] for u in units], dtype=np.int64)
+        self.threshold = threshold
+
+    def __call__(self, block: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        a, b = block["a"].astype(np.int64), block["b"].astype(np.int64)
+        if not len(a):
+            return {"a": a, "b": b}
+        keys, index = np.unique(np.concatenate([a, b]), return_inverse=True)
+        values, offsets = self.sets_of(keys)
+        similar = pair_jaccard(values, offsets, index[: len(a)], index[len(a) :])
+        keep = similar >= self.threshold
+        return {"a": a[keep], "b": b[keep]}
+
+    def sets_of(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The shingle sets of ``keys`` (sorted, all signed) in ``pair_jaccard``'s layout."""
+        tables = []
+        for u in np.unique(np.searchsorted(self.key_lo, keys, side="right") - 1):
+            unit = self.units[int(u)]
+            table = read_parquet(storage.join(self.output, shingles_path(unit)))
+            tables.append(table.filter(pa.array(np.isin(table.column("doc_key").to_numpy(), keys))))
+        table = pa.concat_tables(tables)
+        order = np.argsort(table.column("doc_key").to_numpy(), kind="stable")
+        sets = table.column("shingles").take(pa.array(order)).combine_chunks()
+        lengths = pc.list_value_length(sets).to_numpy(zero_copy_only=False)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        return pc.list_flatten(sets).to_numpy(), offsets
 
 
 def write_output(
@@ -225,7 +290,6 @@ def write_output(
     unit: dict[str, Any],
     part: int,
     config: DedupConfig,
-    train_units: list[dict[str, Any]],
     near_done: bool,
 ) -> dict[str, Any]:
     """Commit a unit's surviving documents as ``{split}/part-NNNNN.parquet``; returns (and
@@ -235,7 +299,6 @@ def write_output(
     texts = table.column("text").to_pylist()
     names = table.column("pile_set_name").to_pylist()
     reasons = np.zeros(len(keys), dtype=np.int8)
-    rejected = 0
     if unit["split"] == "train":
         exact = exact_removed(output, config.partitions, unit["key_lo"], unit["key_hi"])
         near = (
@@ -243,10 +306,6 @@ def write_output(
             if near_done
             else {}
         )
-        if config.verify and near:
-            near, rejected = _verified(
-                output, near, dict(zip(keys.tolist(), texts, strict=True)), config, train_units
-            )
         for i, k in enumerate(keys.tolist()):
             if k in exact:
                 reasons[i] = exact[k][0]
@@ -279,49 +338,8 @@ def write_output(
     metadata = {
         "split": unit["split"],
         "components": {n: dict(sorted(c.items())) for n, c in sorted(counts.items())},
-        "verify_rejected": rejected,
     }
     with Ledger(output).unit(f"out/{unit['split']}/{part:05d}") as committed:
         write_parquet(committed, f"{unit['split']}/part-{part:05d}.parquet", out)
         committed.metadata.update(metadata)
     return metadata
-
-
-def _verified(
-    output: str,
-    near: dict[int, int],
-    own_texts: dict[int, str],
-    config: DedupConfig,
-    train_units: list[dict[str, Any]],
-) -> tuple[dict[int, int], int]:
-    """The members of ``near`` whose exact Jaccard similarity to their representative
-    reaches the threshold, and how many were rejected."""
-    reps = sorted(set(near.values()))
-    rep_texts = _texts_of(output, reps, train_units)
-    kept: dict[int, int] = {}
-    for member, rep in sorted(near.items()):
-        pair = [own_texts[member], rep_texts[rep]]
-        hashes, offsets = shingle_hashes(pair, config.shingle, config.ngram, config.lowercase)
-        similarity = jaccard(hashes[offsets[0] : offsets[1]], hashes[offsets[1] : offsets[2]])
-        if similarity >= config.threshold:
-            kept[member] = rep
-    return kept, len(near) - len(kept)
-
-
-def _texts_of(output: str, keys: list[int], units: list[dict[str, Any]]) -> dict[int, str]:
-    """The texts of the documents ``keys`` (sorted), read from the units that hold them."""
-    texts: dict[int, str] = {}
-    wanted = np.array(keys, dtype=np.int64)
-    for unit in units:
-        inside = wanted[(wanted >= unit["key_lo"]) & (wanted < unit["key_hi"])]
-        if not len(inside):
-            continue
-        table = read_parquet(storage.join(output, unit["docs_path"]), ["doc_key", "text"])
-        mask = np.isin(table.column("doc_key").to_numpy(), inside)
-        picked = table.filter(pa.array(mask))
-        texts.update(
-            zip(
-                picked.column("doc_key").to_pylist(), picked.column("text").to_pylist(), strict=True
-            )
-        )
-    return texts

@@ -5,7 +5,8 @@
 2. exact: one Ray task per hash partition of the exact-text hashes (``exact/{p}``).
 3. signatures: a Ray Data ``map_batches`` over the train units on an autoscaling actor
    pool (``sig/{unit}``).
-4. near: Ray Data hash-shuffles (bucket, doc) rows by bucket into star edges, distributed
+4. near: Ray Data hash-shuffles (bucket, doc) rows by bucket into candidate pairs, keeps
+   (with ``verify``) those whose exact Jaccard similarity reaches the threshold, distributed
    connected components join them (``components.py``), and each partition of the
    (member, representative) pairs is committed (``clusters/{p}``). The phase reruns
    whole until every partition is committed.
@@ -42,8 +43,9 @@ from pipeline.stage import StageContext, register
 from stages.dedup.components import connected_components
 from stages.dedup.config import DedupConfig
 from stages.dedup.phases import (
+    PairVerifier,
     Signer,
-    bucket_edges,
+    bucket_pairs,
     cluster_path,
     exact_partition,
     explode_bands,
@@ -232,12 +234,25 @@ def find_clusters(ctx: StageContext, train: list[dict], placement: Placement) ->
     )
     edges = (
         ds.repartition(config.partitions, keys=["bucket"])
-        .map_batches(bucket_edges, batch_size=None, batch_format="numpy")
+        .map_batches(bucket_pairs, batch_size=None, batch_format="numpy")
         .materialize()
     )
+    candidates = edges.count()  # a pair sharing several buckets counts once per bucket
+    if config.verify:
+        edges = edges.map_batches(
+            PairVerifier,
+            fn_constructor_args=(ctx.output, train, config.threshold),
+            batch_size=None,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(
+                min_size=config.min_workers, max_size=config.max_workers
+            ),
+            **placement.data_options(),
+        ).materialize()
     components = connected_components(edges.to_arrow_refs(), config.partitions)
     summary = {
         "clusters": components.clusters,
+        "verify_rejected": candidates - edges.count(),
         "samples": [
             {"size": s.size, "root": s.root, "members": s.members}
             for s in components.samples[: config.cluster_samples]
@@ -263,7 +278,7 @@ def _write_clusters(output: str, partition: int, edges: Any, summary: dict) -> N
 
 
 def write_all(
-    ctx: StageContext, units: list[dict], train: list[dict], near_done: bool, placement: Placement
+    ctx: StageContext, units: list[dict], near_done: bool, placement: Placement
 ) -> list[dict]:
     """Write every unit's output shard; returns each shard's record metadata."""
     config: DedupConfig = ctx.config
@@ -276,7 +291,7 @@ def write_all(
         name = f"out/{unit['split']}/{part:05d}"
         names.append(name)
         if not ctx.ledger.is_committed(name):
-            calls.append((ctx.output, unit, part, config, train, near_done))
+            calls.append((ctx.output, unit, part, config, near_done))
     _run_tasks(write_output, calls, config.parse_concurrency, "write", placement)
     return [ctx.ledger.record(n)["metadata"] for n in names]
 
@@ -329,7 +344,7 @@ def build_report(
             "rows": rows,
             "threshold": config.threshold,
             "verify": config.verify,
-            "verify_rejected": sum(s["verify_rejected"] for s in shards),
+            "verify_rejected": clusters.get("verify_rejected", 0),
             "clusters": clusters.get("clusters", 0),
             "cluster_samples": [
                 {
@@ -378,7 +393,7 @@ def run(ctx: StageContext) -> None:
     if near_done:
         sign_all(ctx, train, placement)
         clusters = find_clusters(ctx, train, placement)
-    shards = write_all(ctx, units, train, near_done, placement)
+    shards = write_all(ctx, units, near_done, placement)
     report = build_report(units, shards, clusters, files, config)
     with ctx.ledger.unit(REPORT_UNIT) as unit, unit.open(REPORT_FILE) as f:
         f.write(json.dumps(report, indent=1, sort_keys=True).encode())
