@@ -1,0 +1,226 @@
+"""A fake autoscaling Ray cluster on 127.0.0.1 that touches only its own processes.
+
+``ray.cluster_utils.AutoscalingCluster`` runs ``ray stop --force`` on start and shutdown, which
+kills every Ray process on the machine, and reads a base config the wheel does not ship. This
+class builds the config itself, starts the head with ``ray start --head --block`` in its own
+process group (with Ray's fake multi-node provider as the autoscaler's node provider), and on
+stop ends that group plus the fake worker nodes the autoscaler spawned, found by this
+cluster's GCS address on their command lines."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+HEAD_NODE_TYPE = "ray.head.default"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cluster_config(worker_types: dict, idle_timeout_minutes: float, gcs_address: str) -> dict:
+    """What ``AutoscalingCluster`` would build from Ray's fake_multi_node example.yaml, with
+    the provider pointed at this cluster's GCS instead of the default port 6379."""
+    node_types = {name: dict(spec, node_config={}) for name, spec in worker_types.items()}
+    node_types[HEAD_NODE_TYPE] = {"resources": {}, "node_config": {}, "max_workers": 0}
+    return {
+        "cluster_name": "fake_multinode",
+        "max_workers": sum(t.get("max_workers", 0) for t in worker_types.values()),
+        "provider": {
+            "type": "fake_multinode",
+            "use_node_id_as_ip": True,
+            "disable_node_updaters": True,
+            "disable_launch_config_check": True,
+            "gcs_address": gcs_address,
+        },
+        "auth": {},
+        "available_node_types": node_types,
+        "head_node_type": HEAD_NODE_TYPE,
+        "idle_timeout_minutes": idle_timeout_minutes,
+        "upscaling_speed": 1.0,
+        "file_mounts": {},
+        "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False,
+        "rsync_exclude": [],
+        "rsync_filter": [],
+        "initialization_commands": [],
+        "setup_commands": [],
+        "head_setup_commands": [],
+        "worker_setup_commands": [],
+        "head_start_ray_commands": [],
+        "worker_start_ray_commands": [],
+    }
+
+
+class FakeAutoscalingCluster:
+    """A head with no CPUs and an autoscaler that adds fake worker nodes (local raylets)."""
+
+    def __init__(self, worker_types: dict, idle_timeout_minutes: float = 0.1) -> None:
+        from ray._private.services import get_node_ip_address
+
+        # Ray resolves 127.0.0.1 to this machine's address; the fake worker nodes use it too.
+        self.ip = get_node_ip_address()
+        self.port = free_port()
+        self.address = f"{self.ip}:{self.port}"
+        self.worker_types = worker_types
+        self.idle_timeout_minutes = idle_timeout_minutes
+        self._dir = tempfile.mkdtemp(prefix="fake-autoscaling-")
+        self._head: subprocess.Popen | None = None
+        self._current = None
+        # Clients of this cluster (the node poller, drivers) run with this environment:
+        # token authentication on, as ``ray start`` turns it on with a token on the machine.
+        self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        self.env["RAY_AUTH_MODE"] = "token"
+
+    def _current_cluster_file(self) -> str:
+        """``ray start --head`` records its address here for ``address="auto"``; the file is
+        put back as it was on stop."""
+        from ray._common.utils import get_ray_address_file
+
+        return get_ray_address_file(None)
+
+    def start(self, timeout: float = 60.0) -> None:
+        config = cluster_config(self.worker_types, self.idle_timeout_minutes, self.address)
+        config_path = os.path.join(self._dir, "cluster.json")
+        with open(config_path, "w") as f:
+            json.dump(config, f)
+        env = dict(self.env, AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_FAKE_CLUSTER="1")
+        command = [
+            sys.executable,
+            "-m",
+            "ray.scripts.scripts",
+            "start",
+            "--head",
+            f"--autoscaling-config={config_path}",
+            f"--port={self.port}",
+            f"--dashboard-port={free_port()}",
+            "--include-dashboard=false",
+            "--node-ip-address=127.0.0.1",
+            f"--node-manager-port={free_port()}",
+            f"--object-manager-port={free_port()}",
+            f"--ray-client-server-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            "--num-cpus=0",
+            "--disable-usage-stats",
+            "--block",
+        ]
+        try:
+            with open(self._current_cluster_file()) as f:
+                self._current = f.read()
+        except OSError:
+            self._current = None
+        with open(os.path.join(self._dir, "head.log"), "wb") as log:
+            self._head = subprocess.Popen(
+                command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._head.poll() is not None:
+                raise RuntimeError(f"ray start exited {self._head.returncode}: {self.log()}")
+            if self.alive_nodes(timeout=5) is not None:
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"the fake cluster's head did not come up: {self.log()}")
+
+    def log(self) -> str:
+        with open(os.path.join(self._dir, "head.log"), errors="replace") as f:
+            return f.read()[-4000:]
+
+    def alive_nodes(self, timeout: float = 10) -> list[dict] | None:
+        """The cluster's alive nodes as the GCS lists them, or None if it does not answer.
+        Asked from a subprocess: this process may have its own Ray session."""
+        script = (
+            "import json, ray\n"
+            "from ray._raylet import GcsClient\n"
+            f"client = GcsClient(address={self.address!r})\n"
+            "nodes = client.get_all_node_info(timeout=5)\n"
+            "alive = [\n"
+            "    {'node_id': n.node_id.hex(), 'cpus': n.resources_total.get('CPU', 0)}\n"
+            "    for n in nodes.values() if n.state == 0\n"
+            "]\n"
+            "print(json.dumps(alive))\n"
+        )
+        try:
+            done = subprocess.run(
+                [sys.executable, "-c", script],
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                env=self.env,
+            )
+        except subprocess.TimeoutExpired:
+            return None
+        if done.returncode != 0:
+            self.last_error = done.stderr[-2000:]
+            return None
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    def _own_pids(self) -> list[int]:
+        """Processes whose command line names this cluster's GCS address (fake worker
+        raylets and their workers), besides the head's process group."""
+        needle = self.address
+        pids = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == os.getpid():
+                continue
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if needle in cmdline:
+                pids.append(int(entry))
+        return pids
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self._head is None:
+            return
+        pids = self._own_pids()
+        if self._head.poll() is None:
+            os.killpg(self._head.pid, signal.SIGTERM)
+            try:
+                self._head.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self._head.pid, signal.SIGKILL)
+                self._head.wait()
+        deadline = time.monotonic() + timeout
+        pids = sorted(set(pids) | set(self._own_pids()))
+        for pid in pids:
+            _signal(pid, signal.SIGTERM)
+        while pids and time.monotonic() < deadline:
+            pids = [p for p in pids if _exists(p)]
+            time.sleep(0.2)
+        for pid in pids:
+            _signal(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self._head.pid, signal.SIGKILL)
+        self._head = None
+        if self._current is not None:
+            with open(self._current_cluster_file(), "w") as f:
+                f.write(self._current)
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def _signal(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+def _exists(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
