@@ -1,4 +1,10 @@
-"""The ``meshline`` command: run, status, dag, submit, ui (the contract in DESIGN.md)."""
+"""The ``meshline`` command: run, status, dag, submit, ui (the contract in DESIGN.md).
+
+Stage packages add their own tools (``meshline sample``, ``meshline convert``) through the
+``meshline.commands`` entry point group, so this module never imports ``stages``: each entry
+point is a function that adds a subparser and sets ``handler`` to a function of the parsed
+arguments returning the exit code. Such commands take no pipeline config.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +16,13 @@ import shutil
 import sys
 import time
 from dataclasses import asdict
+from importlib.metadata import entry_points
 
 from pipeline import executor, storage
 from pipeline.config import ConfigError, PipelineConfig, load_config
 
 log = logging.getLogger("meshline")
+COMMAND_GROUP = "meshline.commands"
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -63,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(ui)
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--host", default="127.0.0.1")
+    for command in entry_points(group=COMMAND_GROUP):
+        command.load()(commands)
     return parser
 
 
@@ -130,6 +140,9 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    handler = getattr(args, "handler", None)
+    if handler is not None:
+        return handler(args)
     try:
         config = load_config(args.config, args.overrides)
         if not storage.is_gcs(config.root):

@@ -222,6 +222,7 @@ def _produce(
                 pipeline_root=config.stage_root(),
                 log_metrics=run.log_metrics,
                 log_sources=run.log_sources,
+                log_artifact=run.log_artifact,
             )
             log.info("%s: producing %s", stage.name, stage.output)
             spec.run(context)

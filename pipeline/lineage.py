@@ -91,6 +91,9 @@ class StageRun:
         datasets = [_dataset(s.name, s.uri, s.digest, {}, "source") for s in sources]
         self.client.log_inputs(self.run_id, datasets=datasets)
 
+    def log_artifact(self, local_path: str, artifact_dir: str) -> None:
+        self.client.log_artifact(self.run_id, local_path, artifact_dir)
+
     def tag_digest(self, digest: str) -> None:
         self.client.set_tag(self.run_id, TAG_DIGEST, digest)
 

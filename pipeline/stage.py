@@ -65,6 +65,8 @@ class StageContext:
     log_metrics: Callable[[dict[str, float]], None] = lambda metrics: None
     log_sources: Callable[[list[Source]], None] = lambda sources: None
     """Record external inputs (beyond upstream stages) as MLflow input datasets."""
+    log_artifact: Callable[[str, str], None] = lambda local_path, artifact_dir: None
+    """Copy a local file into the stage's MLflow run, under ``artifact_dir``."""
     metrics: dict[str, float] = field(default_factory=dict)
 
     def record(self, **metrics: float) -> None:
