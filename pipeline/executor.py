@@ -223,6 +223,7 @@ def _produce(
                 log_metrics=run.log_metrics,
                 log_sources=run.log_sources,
                 log_artifact=run.log_artifact,
+                register_model=run.register_model,
             )
             log.info("%s: producing %s", stage.name, stage.output)
             spec.run(context)

@@ -20,6 +20,8 @@ from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID
 
 from pipeline.stage import Source, Upstream
@@ -31,6 +33,7 @@ TAG_REUSED = "meshline.reused"
 TAG_REUSED_FROM = "meshline.reused_from_run_id"
 TAG_DIGEST = "meshline.output_digest"
 TAG_INVOCATION = "meshline.invocation"
+TAG_REGISTERED_BY = "meshline.registered_by_run_id"
 MAX_PARAM_CHARS = 6000
 MLFLOW_DIGEST_CHARS = 32
 """MLflow caps dataset digests at 36 characters; the full sha256 goes in the profile."""
@@ -93,6 +96,25 @@ class StageRun:
 
     def log_artifact(self, local_path: str, artifact_dir: str) -> None:
         self.client.log_artifact(self.run_id, local_path, artifact_dir)
+
+    def register_model(
+        self, name: str | None, source: str, run_id: str | None, tags: dict[str, str]
+    ) -> str:
+        """A new version of registered model ``name`` (created if new; None: this run's
+        experiment, i.e. the pipeline's name) whose source is ``source``, linked to run
+        ``run_id`` and tagged with this stage run's id; returns the version number."""
+        if name is None:
+            experiment_id = self.client.get_run(self.run_id).info.experiment_id
+            name = self.client.get_experiment(experiment_id).name
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException as error:
+            if error.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+                raise
+        version = self.client.create_model_version(
+            name, redact_url(source), run_id=run_id, tags={**tags, TAG_REGISTERED_BY: self.run_id}
+        )
+        return str(version.version)
 
     def tag_digest(self, digest: str) -> None:
         self.client.set_tag(self.run_id, TAG_DIGEST, digest)

@@ -67,6 +67,12 @@ class StageContext:
     """Record external inputs (beyond upstream stages) as MLflow input datasets."""
     log_artifact: Callable[[str, str], None] = lambda local_path, artifact_dir: None
     """Copy a local file into the stage's MLflow run, under ``artifact_dir``."""
+    register_model: Callable[[str | None, str, str | None, dict[str, str]], str] = (
+        lambda name, source, run_id, tags: ""
+    )
+    """``(name, source, run_id, tags) -> version``: register ``source`` (a model directory
+    URI) as a new version of model ``name`` (None: the pipeline's name) in the MLflow Model
+    Registry, linked to run ``run_id``; returns the version ("" where nothing is tracked)."""
     metrics: dict[str, float] = field(default_factory=dict)
 
     def record(self, **metrics: float) -> None:

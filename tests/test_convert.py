@@ -1,6 +1,7 @@
 """Export to and import from Hugging Face directories: transformers loads the export with the
 logits of our model, the round trip is bit-exact, pickles and bad inputs are refused with
-errors naming the file or tensor, and a trained checkpoint exports."""
+errors naming the file or tensor. (Checkpoints, the stage, the CLI and the registry:
+test_convert_checkpoint.py.)"""
 
 from __future__ import annotations
 
@@ -17,25 +18,11 @@ import torch
 import transformers
 from flax import linen as nn
 
-from pipeline.ledger import Ledger
-from pipeline.stage import StageContext, Upstream
-from stages.convert import (
-    INDEX,
-    ConvertConfig,
-    ConvertError,
-    export_hf,
-    import_hf,
-    load_checkpoint_params,
-    read_model_config,
-    run,
-)
+from stages.convert import INDEX, ConvertError, export_hf, import_hf
 from stages.tokenize.bpe import train_bpe
-from stages.train.config import TrainConfig
 from stages.train.generate import generate
 from stages.train.model import forward, init_params
 from stages.train.model_config import ModelConfig, gptj, neox
-from stages.train.trainer import Trainer
-from tests.train_data import write_tokenized
 
 CONFIGS = {
     "gptj": gptj(vocab_size=211, d_model=48, n_layers=2, n_heads=4, d_ff=96, rotary_dim=6),
@@ -193,58 +180,6 @@ def test_other_architecture_config_is_refused(tmp_path: Path) -> None:
         json.dump({**hf, "model_type": "llama"}, f)
     with pytest.raises(ConvertError, match="config.json.*llama"):
         import_hf(dest)
-
-
-def test_trained_checkpoint_exports_with_matching_logits(tmp_path: Path) -> None:
-    tokenized = write_tokenized(str(tmp_path / "tok"), 16, {"train": 32, "val": 8})
-    train_config = TrainConfig(
-        model="gptj-tiny",
-        model_overrides={"n_layers": 2, "vocab_size": 256, "d_model": 64, "d_ff": 128},
-        dtype="float32",
-        global_batch=4,
-        micro_batches=1,
-        steps=4,
-        checkpoint_every=2,
-        val_every=4,
-        val_batches=1,
-        optimizer={"warmup_steps": 1, "anneal_steps": 4, "lr": 3e-3, "end_lr": 3e-4},
-        peak_flops_per_device=1e11,
-    )
-    output = str(tmp_path / "train")
-    trainer = Trainer(train_config, tokenized, output)
-    result = trainer.train()
-    os.makedirs(output, exist_ok=True)
-    with open(os.path.join(output, "model_config.json"), "w") as f:
-        f.write(trainer.model.model_dump_json())
-    config = read_model_config(output)
-    params = load_checkpoint_params(output)
-    earlier = load_checkpoint_params(output, step=2)
-    assert not same_tree(params, earlier)
-    with pytest.raises(ConvertError, match="step 3"):
-        load_checkpoint_params(output, step=3)
-    os.makedirs(os.path.join(tokenized, "tokenizer"))
-    with open(os.path.join(tokenized, "tokenizer", "tokenizer.json"), "w") as f:
-        f.write("{}")
-    out = tmp_path / "convert"
-    ctx = StageContext(
-        name="convert",
-        config=ConvertConfig(max_shard_bytes=50_000),
-        output=str(out),
-        inputs={
-            "train": Upstream("train", output, "fp", "digest"),
-            "tokenize": Upstream("tokenize", tokenized, "fp", "digest"),
-        },
-        ledger=Ledger(str(out)),
-        pipeline_root=str(tmp_path),
-    )
-    run(ctx)
-    dest = str(out / "model")
-    assert ctx.ledger.is_committed("model") and os.path.exists(os.path.join(dest, INDEX))
-    assert json.loads((out / "model" / "config.json").read_text())["eos_token_id"] == 255
-    tokens = np.random.default_rng(0).integers(0, config.vocab_size, (2, 16))
-    ours = np.asarray(forward(config, params, tokens))
-    assert relative_error(ours, hf_logits(dest, tokens)) <= MAX_RELATIVE_ERROR
-    assert result.step == 4
 
 
 def test_tokenizer_loads_and_greedy_generate_equals_ours(tmp_path: Path) -> None:
