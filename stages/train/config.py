@@ -145,7 +145,7 @@ class PlacementConfig(BaseModel):
 class TrainConfig(StageConfig):
     """Train a GPT-J / NeoX model on the tokenize stage's rows."""
 
-    volatile_fields = frozenset({"peak_flops_per_device", "log_every"})
+    volatile_fields = frozenset({"peak_flops_per_device", "log_every", "compilation_cache"})
 
     model: str = "gptj-tiny"
     """Model preset name (``stages.train.model_config.PRESETS``)."""
@@ -187,6 +187,9 @@ class TrainConfig(StageConfig):
     """Peak FLOP/s of one device for MFU; unset: a float32 matmul measured on each host."""
     log_every: int = Field(default=1, gt=0)
     """Steps between metric records sent to MLflow (each one batch of scalars)."""
+    compilation_cache: str | None = None
+    """JAX persistent compilation cache directory: restarted or resumed hosts load their
+    compiled steps from it instead of compiling again."""
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

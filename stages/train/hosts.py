@@ -8,23 +8,35 @@ collectives; on GPU one actor per node holding its GPUs; on TPU host 0 takes the
 with its chips, and ``jax.distributed.initialize()`` reads the topology from the TPU VM.
 
 If a host dies, every host is stopped (JAX collectives cannot lose a member) and a fresh set
-resumes from the last checkpoint, up to ``max_restarts`` times; then the stage fails.
+resumes from the last checkpoint, up to ``max_restarts`` times; then the stage fails. As
+with torchrun's elastic agent or Ray Train's ``max_failures``, the group is the unit of
+restart. A host counts as failed when its actor dies or its ``train`` raises a
+``RuntimeError`` (what JAX's collectives and distributed runtime raise when a peer goes
+away); other errors (bad data, a NaN loss, a bad config) would recur, so they fail the stage
+at once. Every host must end at the same step, preempted or not.
+
+Each attempt's actors are named ``train-host-{index}-{attempt id}`` (in the job's
+namespace), so ``ray list actors`` and ``ray.get_actor`` can find a given host.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.util.queue import Empty, Queue
 
 from stages.train.config import PlacementConfig, TrainConfig
 
 log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.25
+"""How often the driver forwards host 0's metric records while the hosts train."""
 
 
 class HostsFailed(RuntimeError):
@@ -95,23 +107,30 @@ def actor_options(placement: PlacementConfig, index: int, slice_name: str | None
     return options
 
 
-def _start(placement: PlacementConfig) -> list[Any]:
-    count = placement.hosts
-    first = TrainHost.options(**actor_options(placement, 0, None)).remote(
-        0, count, placement.platform
-    )
-    slice_name = ray.get(first.slice_name.remote()) if placement.platform == "tpu" else None
-    rest = [
-        TrainHost.options(**actor_options(placement, i, slice_name)).remote(
-            i, count, placement.platform
+def host_name(index: int, attempt: str) -> str:
+    """The Ray actor name of host ``index`` in the attempt with id ``attempt``."""
+    return f"train-host-{index}-{attempt}"
+
+
+def _create(placement: PlacementConfig) -> list[Any]:
+    """One attempt's host actors, named for it."""
+    count, attempt = placement.hosts, uuid.uuid4().hex[:8]
+
+    def create(index: int, slice_name: str | None) -> Any:
+        options = actor_options(placement, index, slice_name)
+        return TrainHost.options(name=host_name(index, attempt), **options).remote(
+            index, count, placement.platform
         )
-        for i in range(1, count)
-    ]
-    hosts = [first, *rest]
-    coordinator = ray.get(first.coordinator.remote())
+
+    first = create(0, None)
+    slice_name = ray.get(first.slice_name.remote()) if placement.platform == "tpu" else None
+    return [first, *(create(i, slice_name) for i in range(1, count))]
+
+
+def _join(hosts: list[Any]) -> None:
+    coordinator = ray.get(hosts[0].coordinator.remote())
     devices = ray.get([h.join.remote(coordinator) for h in hosts])
-    log.info("train: %d hosts joined, %d devices", count, devices[0])
-    return hosts
+    log.info("train: %d hosts joined, %d devices", len(hosts), devices[0])
 
 
 def _drain(queue: Queue, sink: Callable[[dict[str, float]], None]) -> None:
@@ -126,37 +145,57 @@ def _drain(queue: Queue, sink: Callable[[dict[str, float]], None]) -> None:
             sink(record)
 
 
+def _host_failed(error: Exception) -> bool:
+    """Whether ``error`` is a host going away (retried) rather than one that would recur."""
+    if isinstance(error, RayActorError):
+        return True
+    return isinstance(error, RayTaskError) and isinstance(error.cause, RuntimeError)
+
+
+def _agreed(results: list[dict]) -> dict:
+    """Host 0's result, once every host is seen to have stopped at the same step."""
+    ends = {(r["step"], r["preempted"]) for r in results}
+    if len(ends) != 1:
+        raise RuntimeError(f"train hosts stopped at different (step, preempted): {sorted(ends)}")
+    return results[0]
+
+
 def run_hosts(
     config: TrainConfig, tokenize: str, output: str, sink: Callable[[dict[str, float]], None]
 ) -> dict:
     """Train on ``placement.hosts`` actors; host 0's metric records go to ``sink``.
     Returns host 0's result."""
     placement = config.placement
+    failure: Exception | None = None
     for attempt in range(placement.max_restarts + 1):
         queue = Queue(actor_options={"num_cpus": 0})
-        hosts = _start(placement)
-        pending = [
-            h.train.remote(config, tokenize, output, queue if i == 0 else None)
-            for i, h in enumerate(hosts)
-        ]
+        hosts = _create(placement)
         results: dict[Any, dict] = {}
         try:
+            _join(hosts)
+            pending = [
+                h.train.remote(config, tokenize, output, queue if i == 0 else None)
+                for i, h in enumerate(hosts)
+            ]
             while len(results) < len(pending):
                 done, _ = ray.wait(
-                    [r for r in pending if r not in results], num_returns=1, timeout=2.0
+                    [r for r in pending if r not in results], num_returns=1, timeout=POLL_SECONDS
                 )
                 _drain(queue, sink)
                 for ref in done:
                     results[ref] = ray.get(ref)
             _drain(queue, sink)
-            return results[pending[0]]
-        except RayActorError as error:
-            log.warning("train: a host died (attempt %d): %s", attempt + 1, error)
+            return _agreed([results[ref] for ref in pending])
+        except (RayActorError, RayTaskError) as error:
+            if not _host_failed(error):
+                raise
+            log.warning("train: a host failed (attempt %d): %s", attempt + 1, error)
+            failure = error
         finally:
             for host in hosts:
                 ray.kill(host)
             ray.kill(queue.actor)
     raise HostsFailed(
-        f"training hosts died {placement.max_restarts + 1} times; the last checkpoint in "
+        f"training hosts failed {placement.max_restarts + 1} times; the last checkpoint in "
         f"{output}/checkpoints is kept"
-    )
+    ) from failure

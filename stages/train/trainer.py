@@ -5,7 +5,8 @@ one global mesh. State (params, optimiser state, RNG) is saved with Orbax every
 ``checkpoint_every`` steps together with the step and the loader position, and a run finds
 the latest checkpoint in ``{output}/checkpoints`` and continues from it: the batches, the
 updates and therefore the final parameters are the same as an uninterrupted run's (bitwise
-on CPU). SIGTERM (a preemption notice) finishes the current step, saves and returns.
+on CPU). SIGTERM (a preemption notice) to any host finishes the current step, and then all
+hosts save at one step they agree on and return.
 
 ``python -m stages.train.trainer CONFIG_JSON TOKENIZE_DIR OUTPUT_DIR`` runs one
 single-process host and prints one JSON line of metrics per step (the tests kill it).
@@ -34,10 +35,10 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from stages.tokenize import ShardDataset, read_manifest
+from stages.tokenize import read_manifest
 from stages.train import optim, sharding
 from stages.train.config import TrainConfig
-from stages.train.loader import Loader, Position, validation_batches
+from stages.train.loader import Loader, Position, load_split, validation_batches
 from stages.train.model_config import ModelConfig, param_count, preset
 
 log = logging.getLogger(__name__)
@@ -114,17 +115,32 @@ def _digest(params: dict) -> str:
 
 
 class _Preemption:
-    """Remembers a SIGTERM so the loop can save and stop after the current step."""
+    """Decides before each step whether to save and stop for a preemption notice (SIGTERM).
+
+    One process: its own SIGTERM handler. Several (``jax.distributed``): JAX's preemption
+    sync service, whose SIGTERM handler ``jax.distributed.initialize`` installed (so none is
+    installed here, which would replace it): the host that gets the signal tells the
+    coordinator, and ``reached_preemption_sync_point`` turns true on every host at the same
+    step, one past the furthest any host had reached. All hosts then save the same checkpoint
+    and stop together; none is left waiting in a collective for a host that has gone.
+    """
 
     def __init__(self) -> None:
         self.requested = threading.Event()
         self._previous = None
-        if threading.current_thread() is threading.main_thread():
+        self._shared = jax.process_count() > 1
+        if not self._shared and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum: int, frame: object) -> None:
         log.warning("SIGTERM: saving a checkpoint after this step")
         self.requested.set()
+
+    def due(self, step: int) -> bool:
+        """Whether to save and stop before ``step``; every host must ask at every step."""
+        if self._shared:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.requested.is_set()
 
     def restore(self) -> None:
         if self._previous is not None:
@@ -137,6 +153,8 @@ class Trainer:
     def __init__(self, config: TrainConfig, tokenize_dir: str, output: str):
         self.config = config
         self.output = output
+        if config.compilation_cache:
+            jax.config.update("jax_compilation_cache_dir", config.compilation_cache)
         manifest = read_manifest(tokenize_dir)
         self.seq_len = int(manifest["seq_len"])
         self.model = model_config(config, int(manifest["tokenizer"]["vocab_size"]))
@@ -149,10 +167,9 @@ class Trainer:
         self.val_sharding = sharding.batch_sharding(self.mesh)
         micro = config.global_batch // config.micro_batches
         self.rows_shape = (config.micro_batches, micro, self.seq_len + 1)
-        self.train_data = ShardDataset.from_output(tokenize_dir, "train")
-        self.val_rows = validation_batches(
-            ShardDataset.from_output(tokenize_dir, "val"), micro, config.val_batches
-        )
+        self.train_data, self.mixture = load_split(tokenize_dir, "train")
+        val_data, val_mixture = load_split(tokenize_dir, "val")
+        self.val_rows = validation_batches(val_data, micro, config.val_batches, val_mixture)
         self.columns = _process_columns(self.rows_sharding, self.rows_shape)
         self._compile()
 
@@ -193,6 +210,21 @@ class Trainer:
     def _abstract(self, state: dict) -> dict:
         return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
 
+    def _pretrained_args(self, state: dict) -> ocp.args.Composite:
+        """The whole state and step of ``init_from`` with ``init_optimizer``, else its params
+        alone, so a params-only checkpoint (an imported Hugging Face model) also serves."""
+        if self.config.init_optimizer:
+            return ocp.args.Composite(
+                state=ocp.args.StandardRestore(self._abstract(state)), meta=ocp.args.JsonRestore()
+            )
+        params = {"params": self._abstract(state)["params"]}
+        restore_args = ocp.checkpoint_utils.construct_restore_args(params)
+        return ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(
+                item=params, restore_args=restore_args, partial_restore=True
+            )
+        )
+
     def _from_pretrained(self, state: dict) -> tuple[dict, int]:
         source = self.config.init_from
         assert source is not None
@@ -201,13 +233,7 @@ class Trainer:
             step = other.latest_step()
             if step is None:
                 raise FileNotFoundError(f"init_from {source}: no checkpoint in {directory}")
-            restored = other.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(self._abstract(state)),
-                    meta=ocp.args.JsonRestore(),
-                ),
-            )
+            restored = other.restore(step, args=self._pretrained_args(state))
         log.info("initialised from %s step %d", directory, step)
         if self.config.init_optimizer:
             return restored["state"], int(restored["meta"]["step"])
@@ -254,6 +280,7 @@ class Trainer:
             host_index=self.columns.start // (self.columns.stop - self.columns.start),
             host_count=self.rows_shape[1] // (self.columns.stop - self.columns.start),
             start=position,
+            mixture=self.mixture,
         )
         peak = self._peak_flops()
         tokens_per_step = config.global_batch * self.seq_len
@@ -261,10 +288,10 @@ class Trainer:
         params, opt_state = state["params"], state["opt_state"]
         losses: dict[int, float] = {}
         val_loss, train_loss = math.nan, math.nan
-        step = start
+        step, preempted = start, False
         try:
             with sharding.activation_sharding(self.mesh):
-                while step < config.steps and not preemption.requested.is_set():
+                while step < config.steps and not (preempted := preemption.due(step)):
                     began = time.perf_counter()
                     rows = jax.make_array_from_process_local_data(
                         self.rows_sharding, next(loader), self.rows_shape
@@ -296,14 +323,14 @@ class Trainer:
                         sink(record)
                     if step % config.checkpoint_every == 0 or step == config.steps:
                         self._save(manager, step, params, opt_state, state["rng"], loader.position)
-                if preemption.requested.is_set() and step % config.checkpoint_every:
+                if preempted and manager.latest_step() != step:
                     self._save(manager, step, params, opt_state, state["rng"], loader.position)
         finally:
             loader.close()
             manager.wait_until_finished()
         return TrainResult(
             step=step,
-            preempted=preemption.requested.is_set(),
+            preempted=preempted,
             resumed_from=start,
             train_loss=train_loss,
             val_loss=val_loss,

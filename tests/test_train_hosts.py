@@ -1,0 +1,150 @@
+"""Failures of one host in a 2-host run (2 Ray actors x 2 virtual CPU devices, jax.distributed
+over 127.0.0.1): SIGTERM to one host stops both at one agreed step with a checkpoint; in the
+rerun a host actor killed by ``ray.kill`` restarts the whole group from the last checkpoint;
+the run ends with parameters bit-identical to an uninterrupted run's and the same loss at
+every step."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import ray
+
+from pipeline.ledger import Ledger
+from pipeline.stage import StageContext, Upstream
+from stages.train.config import TrainConfig
+from stages.train.stage import Preempted, run
+from tests.train_data import write_tokenized
+
+STEPS = 32
+EVERY = 4
+CONFIG = TrainConfig(
+    model="gptj-tiny",
+    model_overrides={"n_layers": 1, "vocab_size": 256},
+    mesh={"data": 2, "fsdp": -1, "model": 1},
+    placement={"hosts": 2, "devices_per_host": 2, "cpus_per_host": 1, "max_restarts": 1},
+    global_batch=8,
+    micro_batches=2,
+    steps=STEPS,
+    checkpoint_every=EVERY,
+    val_every=STEPS,
+    val_batches=1,
+    optimizer={"warmup_steps": 2, "anneal_steps": 30, "lr": 3e-3, "end_lr": 3e-4},
+    peak_flops_per_device=1e11,
+    dtype="float32",
+)
+"""Tiny: the file starts four host groups on two cores (sharing a compilation cache)."""
+Sink = Callable[[dict[str, float]], None]
+
+
+@pytest.fixture(scope="module")
+def tokenized(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return write_tokenized(str(tmp_path_factory.mktemp("tok")), 16, {"train": 120, "val": 8})
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory: pytest.TempPathFactory) -> TrainConfig:
+    return CONFIG.model_copy(update={"compilation_cache": str(tmp_path_factory.mktemp("xla"))})
+
+
+def train(config: TrainConfig, tokenized: str, out: Path, sink: Sink) -> dict:
+    """One run of the train stage into ``out``; its summary. ``sink`` gets the step records."""
+
+    def steps_only(metrics: dict[str, float]) -> None:
+        if "step" in metrics:
+            sink(metrics)
+
+    ctx = StageContext(
+        name="train",
+        config=config,
+        output=str(out),
+        inputs={"tokenize": Upstream("tokenize", tokenized, "fp", "digest")},
+        ledger=Ledger(str(out)),
+        pipeline_root=str(out.parent),
+        log_metrics=steps_only,
+    )
+    run(ctx)
+    return json.loads((out / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def straight(
+    ray_cluster: None, config: TrainConfig, tokenized: str, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[dict, dict[int, float]]:
+    """An uninterrupted run: its summary and the loss of each step."""
+    logged: list[dict[str, float]] = []
+    summary = train(config, tokenized, tmp_path_factory.mktemp("straight") / "train", logged.append)
+    assert [int(r["step"]) for r in logged] == list(range(1, STEPS + 1))
+    return summary, {int(r["step"]): r["loss"] for r in logged}
+
+
+def alive_hosts(index: int) -> dict[str, str]:
+    """Attempt id -> actor name of the live ``TrainHost`` actors of host ``index``."""
+    found = {}
+    for name in ray.util.list_named_actors():
+        matched = re.fullmatch(rf"train-host-{index}-(\w+)", name)
+        if matched:
+            found[matched.group(1)] = name
+    return found
+
+
+def host_pid(name: str) -> int:
+    """The process id of the live actor ``name`` (Ray's GCS actor table)."""
+    table = ray._private.state.actors(actor_state_name="ALIVE")
+    return next(int(info["Pid"]) for info in table.values() if info["Name"] == name)
+
+
+def check_losses(logged: list[dict[str, float]], expected: dict[int, float]) -> None:
+    for record in logged:
+        assert record["loss"] == expected[int(record["step"])], record["step"]
+
+
+def test_sigterm_to_one_host_then_a_killed_host_resume_to_identical_params(
+    straight: tuple[dict, dict[int, float]], config: TrainConfig, tokenized: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "train"
+    logged: list[dict[str, float]] = []
+
+    def preempt_host_1(record: dict[str, float]) -> None:
+        logged.append(record)
+        if record["step"] == 5:
+            (name,) = alive_hosts(1).values()
+            os.kill(host_pid(name), signal.SIGTERM)
+
+    with pytest.raises(Preempted, match=r"preempted at step \d+") as stopped:
+        train(config, tokenized, out, preempt_host_1)
+    step = int(re.search(r"step (\d+)", str(stopped.value)).group(1))
+    # Both hosts stopped at the step they agreed on (run_hosts checks every host's end)
+    # and saved it; a host that stopped alone would have left the other in a collective.
+    assert 5 < step < STEPS and int(logged[-1]["step"]) == step
+    saved = sorted(int(s) for s in os.listdir(out / "checkpoints"))
+    assert saved[-1] == step and all(s % EVERY == 0 for s in saved[:-1])
+    assert not (out / "summary.json").exists()
+    check_losses(logged, straight[1])
+
+    # The rerun resumes there; host 1 is killed once the first checkpoint after it is
+    # surely complete (saving the next one waited for it), and the group restarts from it.
+    complete = (step // EVERY + 1) * EVERY
+    rerun: list[dict[str, float]] = []
+    killed: list[str] = []
+
+    def kill_host_1(record: dict[str, float]) -> None:
+        rerun.append(record)
+        if not killed and record["step"] > complete + EVERY:
+            (name,) = alive_hosts(1).values()
+            ray.kill(ray.get_actor(name))
+            killed.append(name)
+
+    summary = train(config, tokenized, out, kill_host_1)
+    assert killed and summary == straight[0]
+    steps = [int(r["step"]) for r in rerun]
+    assert steps[0] == step + 1 and steps[-1] == STEPS
+    restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
+    assert steps[restart] - 1 >= complete and (steps[restart] - 1) % EVERY == 0
+    check_losses(rerun, straight[1])
