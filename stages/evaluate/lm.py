@@ -1,0 +1,279 @@
+"""``JaxLM``: scores lm-eval-style requests with our Flax model (no PyTorch).
+
+Each request becomes ``harness.Scored``: a prefix the model reads first and the inputs whose
+logits score the continuation. Requests sharing a prefix (the choices of one question) form
+a group; a batch runs each group's prefix once into a KV cache (its logits are never
+computed: jit drops the unused vocabulary projection), copies the cache to the group's
+rows and decodes every row's inputs against it. So a context is encoded once however many
+choices it has, the vocabulary projection runs only where a token is scored, and identical
+requests are scored once.
+
+Batches hold groups sorted by padded length; prefix, inputs, group and row counts are padded
+to a few bucket sizes, so jit compiles a handful of shapes per task. Rows per batch are
+bounded by ``batch_size`` and by a token budget, so long rolling windows do not run out of
+memory.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from pipeline import storage
+from stages.evaluate.harness import Scored, bucket, encode_pair, rolling_windows, split_prefix
+from stages.tokenize.bpe import DESCRIPTOR, HF_TOKENIZER, RANKS, Tokenizer, TokenizerError
+from stages.train.hf_mapping import Params
+from stages.train.model import KVCache, Transformer
+from stages.train.model_config import ModelConfig
+
+Array = jax.Array
+# Rows x padded tokens per batch (per unit of batch_size): bounds the logits and KV cache.
+_TOKENS_PER_ROW = 512
+
+
+@partial(jax.jit, static_argnums=0)
+def _score(
+    config: ModelConfig,
+    params: Params,
+    prefix: Array,
+    prefix_mask: Array,
+    rows: Array,
+    inputs: Array,
+    input_mask: Array,
+    targets: Array,
+) -> tuple[Array, Array]:
+    """Summed target log-probs [R] and whether every target is the argmax [R].
+
+    prefix [G, P] is left-padded, inputs/targets [R, T] right-padded, row r continues
+    prefix ``rows[r]``."""
+    model = Transformer(config)
+    cache = KVCache.empty(config, prefix.shape[0], prefix.shape[1] + inputs.shape[1])
+    _, cache = model.apply(
+        {"params": params}, prefix, cache, prefix_mask, method=Transformer.decode
+    )
+    cache = KVCache(
+        k=cache.k[:, rows], v=cache.v[:, rows], valid=cache.valid[rows], index=cache.index
+    )
+    logits, _ = model.apply(
+        {"params": params}, inputs, cache, input_mask, method=Transformer.decode
+    )
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    logprobs = picked - jax.nn.logsumexp(logits, axis=-1)
+    greedy = (jnp.argmax(logits, axis=-1) == targets) | ~input_mask
+    return jnp.where(input_mask, logprobs, 0.0).sum(-1), greedy.all(-1)
+
+
+@dataclass
+class _Batch:
+    """Groups of unique requests sharing a prefix, padded to bucket shapes."""
+
+    prefix: np.ndarray
+    prefix_mask: np.ndarray
+    rows: np.ndarray
+    inputs: np.ndarray
+    input_mask: np.ndarray
+    targets: np.ndarray
+    members: list[int]
+    """Index into the unique requests of each real row, in row order."""
+
+
+def _groups(unique: Sequence[Scored]) -> list[tuple[tuple[int, ...], list[int]]]:
+    """Requests by shared prefix, longest padded shapes first (memory errors show early)."""
+    by_prefix: dict[tuple[int, ...], list[int]] = {}
+    for index, scored in enumerate(unique):
+        by_prefix.setdefault(scored.prefix, []).append(index)
+    groups = list(by_prefix.items())
+    longest = {p: max(len(unique[i].inputs) for i in members) for p, members in groups}
+    groups.sort(key=lambda g: (-bucket(len(g[0])), -bucket(longest[g[0]]), g[0]))
+    return groups
+
+
+def _pack(
+    unique: Sequence[Scored],
+    groups: list[tuple[tuple[int, ...], list[int]]],
+    row_cap: int,
+    pad_id: int,
+) -> _Batch:
+    """One padded batch of the given groups (their members fill at most ``row_cap`` rows)."""
+    width_p = bucket(max(len(p) for p, _ in groups))
+    width_t = bucket(max(len(unique[i].inputs) for _, m in groups for i in m))
+    n_groups = bucket(len(groups))
+    prefix = np.full((n_groups, width_p), pad_id, np.int32)
+    prefix_mask = np.zeros((n_groups, width_p), bool)
+    rows = np.zeros(row_cap, np.int32)
+    inputs = np.full((row_cap, width_t), pad_id, np.int32)
+    input_mask = np.zeros((row_cap, width_t), bool)
+    targets = np.zeros((row_cap, width_t), np.int32)
+    members: list[int] = []
+    for g, (tokens, group) in enumerate(groups):
+        if tokens:
+            prefix[g, width_p - len(tokens) :] = tokens
+            prefix_mask[g, width_p - len(tokens) :] = True
+        for index in group:
+            r, scored = len(members), unique[index]
+            rows[r] = g
+            inputs[r, : len(scored.inputs)] = scored.inputs
+            input_mask[r, : len(scored.inputs)] = True
+            targets[r, : len(scored.targets)] = scored.targets
+            members.append(index)
+    return _Batch(prefix, prefix_mask, rows, inputs, input_mask, targets, members)
+
+
+def _batches(
+    unique: Sequence[Scored], batch_size: int, pad_id: int
+) -> Iterator[tuple[_Batch, int]]:
+    """Padded batches and their real row counts, covering every unique request once."""
+    budget = batch_size * _TOKENS_PER_ROW
+
+    def row_cap(width_p: int, width_t: int) -> int:
+        return min(batch_size, _floor_pow2(max(1, budget // (width_p + width_t))))
+
+    chosen: list[tuple[tuple[int, ...], list[int]]] = []
+    rows = width_p = width_t = 0
+    for prefix, members in _groups(unique):
+        group_p = bucket(len(prefix))
+        group_t = bucket(max(len(unique[i].inputs) for i in members))
+        alone = row_cap(group_p, group_t)
+        for start in range(0, len(members), alone):
+            part = members[start : start + alone]
+            new_p, new_t = max(width_p, group_p), max(width_t, group_t)
+            if chosen and rows + len(part) > row_cap(new_p, new_t):
+                yield _pack(unique, chosen, row_cap(width_p, width_t), pad_id), rows
+                chosen, rows, new_p, new_t = [], 0, group_p, group_t
+            chosen.append((prefix, part))
+            rows += len(part)
+            width_p, width_t = new_p, new_t
+    if chosen:
+        yield _pack(unique, chosen, row_cap(width_p, width_t), pad_id), rows
+
+
+def _floor_pow2(n: int) -> int:
+    return 1 << (n.bit_length() - 1)
+
+
+class JaxLM:
+    """Scores lm-eval-style requests with our Flax model (no PyTorch)."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        params: Params,
+        tokenizer: Tokenizer,
+        batch_size: int = 32,
+        max_length: int | None = None,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size {batch_size} must be positive")
+        self.config = config
+        self.params = jax.device_put(params)
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.max_length = config.max_len if max_length is None else max_length
+        self.prefix_token = tokenizer.eos_id
+
+    @classmethod
+    def from_train_output(
+        cls, train_uri: str, tokenizer: Tokenizer, step: int | None = None, **kwargs: object
+    ) -> JaxLM:
+        """The train stage's checkpoint at ``step`` (the latest if None); ``ConvertError``
+        names the first tensor whose shape the model config does not expect."""
+        from stages.convert import check_params, load_checkpoint_params, read_model_config
+
+        config = read_model_config(train_uri)
+        params = load_checkpoint_params(train_uri, step)
+        check_params(config, params, train_uri)
+        return cls(config, params, tokenizer, **kwargs)
+
+    @classmethod
+    def from_hf_dir(cls, directory: str, **kwargs: object) -> JaxLM:
+        """A Hugging Face export (``stages.convert.export_hf``) with its tokenizer files."""
+        from stages.convert import import_hf
+
+        params, config = import_hf(directory)
+        return cls(config, params, hf_dir_tokenizer(directory), **kwargs)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
+        """(summed log-prob of the continuation, whether greedy decoding gives it) per
+        (context, continuation), as the harness's ``loglikelihood``."""
+        scored = []
+        for context, continuation in requests:
+            pair = encode_pair(self.encode, self.prefix_token, context, continuation)
+            scored.append(split_prefix(*pair, self.max_length))
+        return self.score(scored)
+
+    def loglikelihood_rolling(self, texts: Sequence[str]) -> list[float]:
+        """Log-likelihood of each whole text over disjoint windows, as the harness's
+        ``loglikelihood_rolling``."""
+        owners: list[int] = []
+        scored: list[Scored] = []
+        for index, text in enumerate(texts):
+            for window in rolling_windows(self.encode(text), self.prefix_token, self.max_length):
+                scored.append(split_prefix(*window, self.max_length))
+                owners.append(index)
+        totals = [0.0] * len(texts)
+        for owner, (logprob, _) in zip(owners, self.score(scored), strict=True):
+            totals[owner] += logprob
+        return totals
+
+    def score(self, requests: Sequence[Scored]) -> list[tuple[float, bool]]:
+        """(summed target log-prob, all targets greedy) per request; duplicates run once."""
+        index_of: dict[Scored, int] = {}
+        for scored in requests:
+            index_of.setdefault(scored, len(index_of))
+        unique = list(index_of)
+        results: list[tuple[float, bool]] = [(0.0, False)] * len(unique)
+        with tqdm(total=len(unique), desc="loglikelihood", disable=len(unique) < 64) as bar:
+            for batch, real in _batches(unique, self.batch_size, self.prefix_token):
+                sums, greedy = _score(
+                    self.config,
+                    self.params,
+                    batch.prefix,
+                    batch.prefix_mask,
+                    batch.rows,
+                    batch.inputs,
+                    batch.input_mask,
+                    batch.targets,
+                )
+                sums, greedy = np.asarray(sums), np.asarray(greedy)
+                for row, index in enumerate(batch.members):
+                    results[index] = (float(sums[row]), bool(greedy[row]))
+                bar.update(real)
+        return [results[index_of[scored]] for scored in requests]
+
+
+def hf_dir_tokenizer(directory: str) -> Tokenizer:
+    """The tokenizer of a Hugging Face export (local or ``gs://``): its ``tokenizer.json``,
+    read by our engine as described by our descriptor when present, else with EOS from
+    ``config.json`` (``export_hf`` copies the tokenize stage's HF files only)."""
+    files = {
+        name: storage.read_bytes(storage.join(directory, name))
+        for name in (DESCRIPTOR, HF_TOKENIZER, RANKS)
+        if storage.exists(storage.join(directory, name))
+    }
+    if HF_TOKENIZER not in files:
+        raise TokenizerError(f"{directory}: no {HF_TOKENIZER}")
+    if DESCRIPTOR not in files:
+        hf_config = json.loads(storage.read_bytes(storage.join(directory, "config.json")))
+        eos_id = hf_config.get("bos_token_id", hf_config.get("eos_token_id"))
+        if eos_id is None:
+            raise TokenizerError(f"{directory}/config.json: no bos_token_id or eos_token_id")
+        spec = json.loads(files[HF_TOKENIZER])
+        ids = [*spec["model"]["vocab"].values(), *(t["id"] for t in spec.get("added_tokens", []))]
+        descriptor = {
+            "kind": "hf",
+            "engine": "hf",
+            "eos_id": int(eos_id),
+            "vocab_size": max(ids) + 1,
+        }
+        files[DESCRIPTOR] = json.dumps(descriptor).encode()
+    return Tokenizer.from_files(files, directory)

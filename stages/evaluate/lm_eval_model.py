@@ -1,0 +1,99 @@
+"""Our model as an lm-evaluation-harness ``LM``: ``--model meshline``.
+
+Importing this module registers ``meshline``, so any harness task runs on a meshline
+checkpoint::
+
+    import stages.evaluate.lm_eval_model  # noqa: F401
+    lm_eval.simple_evaluate(model="meshline", model_args="checkpoint=DIR,tokenizer=TOK", ...)
+
+``checkpoint`` is a train stage output (then ``tokenizer`` is the tokenize stage output or
+its ``tokenizer/`` directory, and ``step`` picks a checkpoint, the latest by default) or a
+Hugging Face export from the convert stage (its tokenizer files are in it). Scoring is
+``JaxLM``'s; ``generate_until`` decodes greedily with ``stages.train.generate``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import lm_eval.models  # noqa: F401  (the harness loads its own models only into an empty registry)
+from lm_eval.api.instance import Instance
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+
+from stages.evaluate.lm import JaxLM
+from stages.tokenize.bpe import load_tokenizer
+from stages.train.generate import generate
+
+DEFAULT_MAX_GEN_TOKS = 256
+
+
+def load_lm(
+    checkpoint: str,
+    tokenizer: str | None = None,
+    step: int | None = None,
+    batch_size: int = 32,
+    max_length: int | None = None,
+) -> JaxLM:
+    """A ``JaxLM`` from a train stage output (with ``tokenizer``) or a Hugging Face export."""
+    if os.path.exists(os.path.join(checkpoint, "config.json")):
+        return JaxLM.from_hf_dir(checkpoint, batch_size=batch_size, max_length=max_length)
+    if tokenizer is None:
+        raise ValueError(f"{checkpoint}: a train output needs tokenizer= (a tokenize output)")
+    return JaxLM.from_train_output(
+        checkpoint, load_tokenizer(tokenizer), step, batch_size=batch_size, max_length=max_length
+    )
+
+
+@register_model("meshline")
+class MeshlineLM(LM):
+    """lm-eval's view of a ``JaxLM``."""
+
+    def __init__(
+        self,
+        checkpoint: str,
+        tokenizer: str | None = None,
+        step: int | None = None,
+        batch_size: int | str = 32,
+        max_length: int | None = None,
+        **_harness_options: object,
+    ):
+        """``_harness_options`` takes what the harness passes every model (device,
+        max_batch_size): JAX places the model itself."""
+        super().__init__()
+        size = 32 if batch_size == "auto" else int(batch_size)
+        self.lm = load_lm(
+            checkpoint,
+            tokenizer,
+            None if step is None else int(step),
+            size,
+            None if max_length is None else int(max_length),
+        )
+
+    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+        return self.lm.loglikelihood([tuple(r.args[:2]) for r in requests])
+
+    def loglikelihood_rolling(self, requests: list[Instance]) -> list[float]:
+        return self.lm.loglikelihood_rolling([r.args[0] for r in requests])
+
+    def generate_until(self, requests: list[Instance]) -> list[str]:
+        """Greedy continuations, cut at the first of ``until`` (default: EOS text)."""
+        return [self._generate(*r.args[:2]) for r in requests]
+
+    def _generate(self, context: str, options: dict) -> str:
+        lm = self.lm
+        until = options.get("until") or [lm.tokenizer.decode([lm.tokenizer.eos_id])]
+        until = [until] if isinstance(until, str) else list(until)
+        new_tokens = int(options.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
+        new_tokens = min(new_tokens, lm.max_length - 1)
+        prompt = (lm.encode(context) or [lm.prefix_token])[-(lm.max_length - new_tokens) :]
+        ids = generate(
+            lm.config, lm.params, [prompt], new_tokens, eos_id=lm.tokenizer.eos_id, pad_id=0
+        )[0].tolist()
+        if lm.tokenizer.eos_id in ids:
+            ids = ids[: ids.index(lm.tokenizer.eos_id)]
+        text = lm.tokenizer.decode(ids)
+        for stop in until:
+            if stop:
+                text = text.split(stop)[0]
+        return text
