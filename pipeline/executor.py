@@ -162,7 +162,40 @@ class StageActor:
     def execute(
         self, invocation: Invocation, stage: PlannedStage, force: bool, *upstream: Outcome
     ) -> Outcome:
+        release_stranded_data_coordinator()
         return execute_stage(self.config, invocation, stage, force, [o.upstream for o in upstream])
+
+
+DATA_COORDINATOR = ("AutoscalingCoordinator", "AutoscalingCoordinator")
+"""Name and namespace of Ray Data's cluster-wide autoscaling coordinator actor."""
+
+
+def release_stranded_data_coordinator(timeout: float = 30.0) -> None:
+    """Ray Data (2.60) creates its coordinator as a detached actor with a hard affinity to
+    the node of the first process that ran a dataset. If that node dies the actor can never
+    be placed again and every later dataset on the cluster fails (ActorUnschedulableError).
+    Such a stranded coordinator is killed here, so that the next dataset creates a new one
+    on a live node: stages call this before each dataset they run (a node may die mid-stage),
+    the stage actor before each stage."""
+    from ray._private.state import actors
+
+    try:
+        handle = ray.get_actor(DATA_COORDINATOR[0], namespace=DATA_COORDINATOR[1])
+    except ValueError:
+        return
+    info = actors(handle._actor_id.hex())
+    alive = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+    if info.get("State") == "ALIVE" and info.get("Address", {}).get("NodeID") in alive:
+        return
+    log.warning("Ray Data's coordinator is stranded (%s); replacing it", info.get("State"))
+    ray.kill(handle, no_restart=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(DATA_COORDINATOR[0], namespace=DATA_COORDINATOR[1])
+        except ValueError:
+            return
+        time.sleep(0.2)
 
 
 def execute_stage(
@@ -241,7 +274,8 @@ def _write_resolved_config(stage: PlannedStage, config: dict, inputs: list[Upstr
     payload = {
         "stage": stage.name,
         "fingerprint": stage.fingerprint,
-        "config": config,
+        # Kept for people reading the output; credentials stay out of it as out of MLflow.
+        "config": lineage.redact(config),
         "inputs": [u.__dict__ for u in inputs],
     }
     uri = storage.join(stage.output, META_DIR, "config.json")
@@ -277,7 +311,9 @@ def run_pipeline(
         actor = StageActor.options(
             num_cpus=REGISTRY[name].num_cpus,
             max_restarts=config.max_restarts,
-            max_task_retries=config.max_restarts,
+            # Retry the call for as long as Ray may restart the actor: counted retries ran out
+            # while the GCS had not yet noticed a killed node, failing the stage.
+            max_task_retries=-1,
         ).remote(config)
         upstream_refs = [refs[u] for u in planned[name].inputs]
         refs[name] = actor.execute.remote(invocation, planned[name], name in forced, *upstream_refs)

@@ -5,13 +5,16 @@ The driver creates the store, the experiment and the parent run before any stage
 (SQLite has one writer at a time); afterwards only stage actors write, each to its own
 child run. A child run carries the stage's flattened config as params, its fingerprint
 and output URI as tags, every upstream output as an input dataset whose digest is our
-content digest, and the stage's measurements as metrics.
+content digest, and the stage's measurements as metrics. A stage may register a model
+directory it wrote in the Model Registry.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,10 +22,26 @@ from dataclasses import dataclass
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
+from mlflow.entities import (
+    Dataset,
+    DatasetInput,
+    InputTag,
+    LoggedModel,
+    LoggedModelStatus,
+    Metric,
+    Param,
+    RunStatus,
+    RunTag,
+)
 from mlflow.exceptions import MlflowException
+from mlflow.models.model import MLMODEL_FILE_NAME
+from mlflow.models.utils import get_external_mlflow_model_spec
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
-from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID
+from mlflow.utils.mlflow_tags import (
+    MLFLOW_DATASET_CONTEXT,
+    MLFLOW_MODEL_IS_EXTERNAL,
+    MLFLOW_PARENT_RUN_ID,
+)
 
 from pipeline.stage import Source, Upstream
 
@@ -34,6 +53,7 @@ TAG_REUSED_FROM = "meshline.reused_from_run_id"
 TAG_DIGEST = "meshline.output_digest"
 TAG_INVOCATION = "meshline.invocation"
 TAG_REGISTERED_BY = "meshline.registered_by_run_id"
+TAG_SOURCE = "meshline.source"
 MAX_PARAM_CHARS = 6000
 MLFLOW_DIGEST_CHARS = 32
 """MLflow caps dataset digests at 36 characters; the full sha256 goes in the profile."""
@@ -44,6 +64,17 @@ def redact_url(url: str) -> str:
     """``url`` without userinfo or query string, the usual places where credentials hide."""
     url = re.sub(r"(?<=://)[^/@\s]+@", "***@", url)
     return re.sub(r"\?\S*", "?***", url)
+
+
+def redact(value: Any, key: str = "") -> Any:
+    """A nested config with the values of secret-named keys and URL credentials redacted."""
+    if isinstance(value, dict):
+        return {k: redact(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v, key) for v in value]
+    if _SECRET_KEY.search(key) and value:
+        return "***"
+    return redact_url(value) if isinstance(value, str) else value
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -100,21 +131,41 @@ class StageRun:
     def register_model(
         self, name: str | None, source: str, run_id: str | None, tags: dict[str, str]
     ) -> str:
-        """A new version of registered model ``name`` (created if new; None: this run's
-        experiment, i.e. the pipeline's name) whose source is ``source``, linked to run
-        ``run_id`` and tagged with this stage run's id; returns the version number."""
-        if name is None:
-            experiment_id = self.client.get_run(self.run_id).info.experiment_id
-            name = self.client.get_experiment(experiment_id).name
+        """A new version of registered model ``name`` (created if new; None: the pipeline's
+        name) for the model directory at ``source``, linked to run ``run_id`` (the one that
+        trained it); returns the version number.
+
+        The weights stay where they are: the version points at an MLflow external model, as
+        MLflow 3 records models it does not store, with ``source`` in tag ``meshline.source``.
+        A plain local path would be refused as a version source by an ``mlflow server``."""
+        experiment_id = self.client.get_run(self.run_id).info.experiment_id
+        name = name or self.client.get_experiment(experiment_id).name
+        tags = {**tags, TAG_SOURCE: redact_url(source), TAG_REGISTERED_BY: self.run_id}
+        model = self._external_model(experiment_id, name, run_id, tags)
         try:
             self.client.create_registered_model(name)
         except MlflowException as error:
             if error.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
                 raise
+        # The model's own location, not "models:/ID": a SQLite registry resolves that through
+        # the process-global tracking URI, not this client's.
         version = self.client.create_model_version(
-            name, redact_url(source), run_id=run_id, tags={**tags, TAG_REGISTERED_BY: self.run_id}
+            name, model.artifact_location, run_id=run_id, tags=tags, model_id=model.model_id
         )
         return str(version.version)
+
+    def _external_model(
+        self, experiment_id: str, name: str, run_id: str | None, tags: dict[str, str]
+    ) -> LoggedModel:
+        external = {**tags, MLFLOW_MODEL_IS_EXTERNAL: "true"}
+        model = self.client.create_logged_model(
+            experiment_id, name, source_run_id=run_id, tags=external
+        )
+        # The registry needs an MLmodel file even for a model whose files live elsewhere.
+        with tempfile.TemporaryDirectory() as tmp:
+            get_external_mlflow_model_spec(model).save(os.path.join(tmp, MLMODEL_FILE_NAME))
+            self.client.log_model_artifacts(model.model_id, tmp)
+        return self.client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
 
     def tag_digest(self, digest: str) -> None:
         self.client.set_tag(self.run_id, TAG_DIGEST, digest)

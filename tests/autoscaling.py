@@ -5,7 +5,13 @@ kills every Ray process on the machine, and reads a base config the wheel does n
 class builds the config itself, starts the head with ``ray start --head --block`` in its own
 process group (with Ray's fake multi-node provider as the autoscaler's node provider), and on
 stop ends that group plus the fake worker nodes the autoscaler spawned, found by this
-cluster's GCS address on their command lines."""
+cluster's GCS address on their command lines.
+
+Run as ``python -m tests.autoscaling ADDRESS WORK`` it is the driver the autoscaling test
+starts on such a cluster: it runs the tokenize stage on a generated input twice, first with
+an autoscaling encoder pool (min 1, max 2), then with a fixed pool of one actor, and prints
+one JSON line per run: the ledger digest, the stage's metrics, and the pool's actors (from
+the GCS actor table: id, node, pid, start and end in ms)."""
 
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 HEAD_NODE_TYPE = "ray.head.default"
 
@@ -139,50 +146,12 @@ class FakeAutoscalingCluster:
             return f.read()[-4000:]
 
     def alive_nodes(self, timeout: float = 10) -> list[dict] | None:
-        """The cluster's alive nodes as the GCS lists them, or None if it does not answer.
-        Asked from a subprocess: this process may have its own Ray session."""
-        script = (
-            "import json, ray\n"
-            "from ray._raylet import GcsClient\n"
-            f"client = GcsClient(address={self.address!r})\n"
-            "nodes = client.get_all_node_info(timeout=5)\n"
-            "alive = [\n"
-            "    {'node_id': n.node_id.hex(), 'cpus': n.resources_total.get('CPU', 0)}\n"
-            "    for n in nodes.values() if n.state == 0\n"
-            "]\n"
-            "print(json.dumps(alive))\n"
-        )
-        try:
-            done = subprocess.run(
-                [sys.executable, "-c", script],
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                env=self.env,
-            )
-        except subprocess.TimeoutExpired:
-            return None
-        if done.returncode != 0:
-            self.last_error = done.stderr[-2000:]
-            return None
-        return json.loads(done.stdout.strip().splitlines()[-1])
+        return gcs_alive_nodes(self.address, self.env, timeout)
 
     def _own_pids(self) -> list[int]:
         """Processes whose command line names this cluster's GCS address (fake worker
         raylets and their workers), besides the head's process group."""
-        needle = self.address
-        pids = []
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit() or int(entry) == os.getpid():
-                continue
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if needle in cmdline:
-                pids.append(int(entry))
-        return pids
+        return processes_naming(self.address)
 
     def stop(self, timeout: float = 30.0) -> None:
         if self._head is None:
@@ -195,15 +164,7 @@ class FakeAutoscalingCluster:
             except subprocess.TimeoutExpired:
                 os.killpg(self._head.pid, signal.SIGKILL)
                 self._head.wait()
-        deadline = time.monotonic() + timeout
-        pids = sorted(set(pids) | set(self._own_pids()))
-        for pid in pids:
-            _signal(pid, signal.SIGTERM)
-        while pids and time.monotonic() < deadline:
-            pids = [p for p in pids if _exists(p)]
-            time.sleep(0.2)
-        for pid in pids:
-            _signal(pid, signal.SIGKILL)
+        end_processes(sorted(set(pids) | set(self._own_pids())), timeout)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self._head.pid, signal.SIGKILL)
         self._head = None
@@ -211,6 +172,63 @@ class FakeAutoscalingCluster:
             with open(self._current_cluster_file(), "w") as f:
                 f.write(self._current)
         shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def gcs_alive_nodes(address: str, env: dict, timeout: float = 10) -> list[dict] | None:
+    """The alive nodes (id, CPUs) of the cluster whose GCS is at ``address``, or None if it
+    does not answer. Asked from a subprocess: this process may have its own Ray session."""
+    script = (
+        "import json, ray\n"
+        "from ray._raylet import GcsClient\n"
+        f"client = GcsClient(address={address!r})\n"
+        "nodes = client.get_all_node_info(timeout=5)\n"
+        "alive = [\n"
+        "    {'node_id': n.node_id.hex(), 'cpus': n.resources_total.get('CPU', 0)}\n"
+        "    for n in nodes.values() if n.state == 0\n"
+        "]\n"
+        "print(json.dumps(alive))\n"
+    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+        )
+    except subprocess.TimeoutExpired:
+        return None
+    if done.returncode != 0:
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def processes_naming(needle: str) -> list[int]:
+    """Processes (other than this one) whose command line contains ``needle``."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if needle in cmdline:
+            pids.append(int(entry))
+    return pids
+
+
+def end_processes(pids: list[int], timeout: float) -> None:
+    """SIGTERM, then SIGKILL what is left after ``timeout`` seconds."""
+    for pid in pids:
+        _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while pids and time.monotonic() < deadline:
+        pids = [p for p in pids if _exists(p)]
+        time.sleep(0.2)
+    for pid in pids:
+        _signal(pid, signal.SIGKILL)
 
 
 def _signal(pid: int, sig: int) -> None:
@@ -224,3 +242,73 @@ def _exists(pid: int) -> bool:
             return f.read().split(") ", 1)[1][0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+# What tokenize's pool actors are called in the GCS actor table (Ray Data's map worker).
+ENCODER_ACTORS = "MapWorker(MapBatches(Encoder))"
+
+
+def _tokenize_input(work: Path) -> tuple[str, dict]:
+    """Eight parts of 24 standard-library files repeated 12 times (22 row groups of 8)."""
+    from tests.tokenize_data import gpt2_ranks_path, stdlib_texts, write_part
+
+    dedup = work / "dedup"
+    for part in range(8):
+        texts = [t * 12 for t in stdlib_texts(24, 24 * part)]
+        rows = [(t, "Github", f"train/{part:02d}.jsonl.zst:{i + 1}") for i, t in enumerate(texts)]
+        write_part(str(dedup / f"train/part-{part:05d}.parquet"), rows)
+    config = {
+        "tokenizer": {"kind": "gpt2", "source": gpt2_ranks_path()},
+        "seq_len": 127,
+        "splits": ["train"],
+    }
+    return str(dedup), config
+
+
+def _pool_actors(class_name: str, exclude: set[str]) -> list[dict]:
+    from ray._private.state import actors
+
+    return [
+        {
+            "id": actor_id,
+            "node": info["Address"]["NodeID"],
+            "pid": info["Pid"],
+            "start_ms": info["StartTime"],
+            "end_ms": info["EndTime"],
+        }
+        for actor_id, info in actors().items()
+        if info["ActorClassName"] == class_name and actor_id not in exclude
+    ]
+
+
+def drive(address: str, work: Path) -> None:
+    import ray
+
+    from pipeline.ledger import Ledger
+    from pipeline.stage import StageContext, Upstream
+    from stages.tokenize import TokenizeConfig, run
+
+    dedup, settings = _tokenize_input(work)
+    ray.init(address=address, log_to_driver=False)
+    seen: set[str] = set()
+    for name, pool in (("autoscaling", (1, 2)), ("fixed", (1, 1))):
+        output = str(work / name / "tokenize-fp")
+        ctx = StageContext(
+            name="tokenize",
+            config=TokenizeConfig.model_validate(
+                {**settings, "workers_min": pool[0], "workers_max": pool[1]}
+            ),
+            output=output,
+            inputs={"dedup": Upstream("dedup", dedup, "fp", "digest")},
+            ledger=Ledger(output),
+            pipeline_root=str(work / name),
+        )
+        run(ctx)
+        actors = _pool_actors(ENCODER_ACTORS, seen)
+        seen |= {a["id"] for a in actors}
+        result = {"run": name, "digest": ctx.ledger.digest(), "metrics": ctx.metrics}
+        print("RESULT " + json.dumps({**result, "actors": actors}), flush=True)
+
+
+if __name__ == "__main__":
+    drive(sys.argv[1], Path(sys.argv[2]))

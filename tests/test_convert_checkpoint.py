@@ -238,7 +238,7 @@ def test_stage_exports_and_registers_the_model_linked_to_the_training_run(
     assert ctx.ledger.is_committed("model") and ctx.metrics["export_bytes"] > 0
     assert json.loads((out / "model" / "config.json").read_text())["eos_token_id"] == 255
     version = MlflowClient(tracking).get_model_version("convert-test", "1")
-    assert version.source == (out / "model").as_uri()
+    assert version.tags[lineage.TAG_SOURCE] == (out / "model").as_uri()
     assert version.run_id == train_run.run_id
     assert version.tags["meshline.output_digest"] == ctx.ledger.digest()
     assert version.tags["meshline.tokenize_digest"] == "tokdigest"

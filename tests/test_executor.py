@@ -215,6 +215,8 @@ def test_params_redact_credentials():
     )
     assert "hunter2" not in json.dumps(flat) and "sig=abc" not in json.dumps(flat)
     assert flat["auth.api_key"] == "***" and flat["n"] == "3"
+    nested = lineage.redact({"sources": ["https://user:hunter2@host/a"], "auth": {"token": "t"}})
+    assert nested == {"sources": ["https://***@host/a"], "auth": {"token": "***"}}
 
 
 def test_independent_stages_run_at_the_same_time(ray_cluster, tmp_path):

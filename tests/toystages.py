@@ -1,6 +1,8 @@
 """Two tiny stages for executor tests: ``numbers`` writes units of integers and ``total``
-sums them. Knobs let a test make a unit fail, kill the stage's own process once, or
-change the output without changing the fingerprint (as a code change would)."""
+sums them (and may register its output as a model version linked to ``numbers``' run, as
+the convert stage registers its export linked to the training run). Knobs let a test make
+a unit fail, kill the stage's own process once, or change the output without changing the
+fingerprint (as a code change would)."""
 
 from __future__ import annotations
 
@@ -8,11 +10,13 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 from pydantic import Field
 
 from pipeline import storage
 from pipeline.stage import StageConfig, StageContext, register
+from pipeline.status import read_status
 
 
 class NumbersConfig(StageConfig):
@@ -34,6 +38,10 @@ class NumbersConfig(StageConfig):
 class TotalConfig(StageConfig):
     scale: int = 1
     """Multiplies the total."""
+    registered_model: str | None = None
+    """Register the output as a new version of this MLflow model."""
+
+    volatile_fields = frozenset({"registered_model"})
 
 
 @register("numbers", NumbersConfig)
@@ -65,6 +73,14 @@ def run_total(ctx: StageContext) -> None:
     with ctx.ledger.unit("total") as unit, unit.open("total.txt") as f:
         f.write(str(total).encode())
     ctx.record(total=total)
+    if ctx.config.registered_model:
+        producer = read_status(source)
+        ctx.register_model(
+            ctx.config.registered_model,
+            Path(ctx.output).as_uri(),
+            producer.mlflow_run_id if producer else None,
+            {"meshline.output_digest": ctx.ledger.digest()},
+        )
 
 
 class RendezvousConfig(StageConfig):

@@ -38,6 +38,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
 from pipeline import storage
+from pipeline.executor import release_stranded_data_coordinator
 from pipeline.ledger import Ledger
 from pipeline.stage import StageContext, register
 from stages.dedup.components import connected_components
@@ -196,6 +197,7 @@ def sign_all(ctx: StageContext, train: list[dict], placement: Placement) -> None
     ]
     if not todo:
         return
+    release_stranded_data_coordinator()
     ds = ray.data.from_items([{"unit": i} for i in todo], override_num_blocks=len(todo))
     ds = ds.map_batches(
         Signer,
@@ -228,6 +230,7 @@ def find_clusters(ctx: StageContext, train: list[dict], placement: Placement) ->
     names = [f"clusters/{p:04d}" for p in range(config.partitions)]
     if all(ctx.ledger.is_committed(n) for n in names):
         return ctx.ledger.record(names[0])["metadata"]
+    release_stranded_data_coordinator()
     ds = ray.data.from_items([{"unit": i} for i in range(len(train))])
     ds = ds.map_batches(
         _read_bands, fn_args=(ctx.output, train), batch_format="numpy", **placement.data_options()

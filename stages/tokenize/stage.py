@@ -41,6 +41,7 @@ import ray
 from pydantic import Field, model_validator
 
 from pipeline import storage
+from pipeline.executor import release_stranded_data_coordinator
 from pipeline.ledger import Ledger
 from pipeline.stage import StageConfig, StageContext, register
 from stages.tokenize.bpe import EOS, Tokenizer, load_gpt2, load_tokenizer, train_bpe
@@ -377,6 +378,7 @@ def encoded_batches(
     ]
     if not items:
         return
+    release_stranded_data_coordinator()
     # The dataset keeps the DataContext it was created under: order must be set before.
     with _ordered_data():
         encoded = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
