@@ -5,12 +5,15 @@ A train output is ``{out}/model_config.json`` and ``{out}/checkpoints/<step>/`` 
 items ``state`` (params, optimiser state, RNG) and ``meta`` (step, loader position).
 ``CheckpointReader`` restores one leaf of ``state/params`` per call with Orbax's partial
 restore, so ``export_checkpoint`` holds the leaves of the weight being written and of the
-next one (read ahead; a leaf holds all layers of one weight) and the tensor being written,
-never the whole model and never the optimiser state.
+next one (read ahead; a leaf holds all layers of one weight) and two bands of rows of the
+tensor being written, never the whole model and never the optimiser state.
 
 ``import_checkpoint`` turns a Hugging Face directory into the same layout with the float32
 params alone (no optimiser state, no RNG) at step 0: ``train.init_from`` fine-tunes from it
-with a fresh optimiser, and ``export_checkpoint`` exports it again bit for bit.
+with a fresh optimiser, and ``export_checkpoint`` exports it again bit for bit. Its params are
+saved in zarr chunks of at most ``CHECKPOINT_CHUNK_BYTES``, which Orbax restores in parallel:
+Orbax's default of one chunk per leaf (the train stage's checkpoints) is one zstd frame that
+one thread decompresses, and restoring those took 2.4x the CPU time.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ from stages.train.stage import MODEL_CONFIG
 from stages.train.trainer import CHECKPOINTS
 
 log = logging.getLogger(__name__)
+
+CHECKPOINT_CHUNK_BYTES = 16 * 1024**2
 
 
 def read_model_config(train_output: str) -> ModelConfig:
@@ -227,10 +232,13 @@ def write_checkpoint(params: Params, config: ModelConfig, dest: str, step: int =
         options = ocp.CheckpointManagerOptions(create=True)
         with ocp.CheckpointManager(os.path.join(tmp, CHECKPOINTS), options=options) as manager:
             meta = {"step": step, "loader": Position().to_dict()}
+            state = {"params": params}
+            chunk = ocp.SaveArgs(chunk_byte_size=CHECKPOINT_CHUNK_BYTES)
+            chunked = jax.tree.map(lambda _: chunk, state)
             manager.save(
                 step,
                 args=ocp.args.Composite(
-                    state=ocp.args.StandardSave({"params": params}),
+                    state=ocp.args.StandardSave(state, save_args=chunked),
                     meta=ocp.args.JsonSave(meta),
                 ),
             )
