@@ -25,8 +25,8 @@ import ray
 
 from pipeline import lineage, storage
 from pipeline.config import PipelineConfig
-from pipeline.ledger import META_DIR, Ledger
-from pipeline.stage import REGISTRY, StageContext, Upstream, fingerprint
+from pipeline.ledger import Ledger
+from pipeline.stage import REGISTRY, StageContext, Upstream, fingerprint, resolved_config_path
 from pipeline.status import FAILED, RUNNING, SUCCESS, Lease, is_stale, read_status
 
 log = logging.getLogger("meshline")
@@ -278,8 +278,7 @@ def _write_resolved_config(stage: PlannedStage, config: dict, inputs: list[Upstr
         "config": lineage.redact(config),
         "inputs": [u.__dict__ for u in inputs],
     }
-    uri = storage.join(stage.output, META_DIR, "config.json")
-    storage.write_atomic(uri, json.dumps(payload, indent=1).encode())
+    storage.write_atomic(resolved_config_path(stage.output), json.dumps(payload, indent=1).encode())
 
 
 def connect(config: PipelineConfig) -> None:

@@ -14,7 +14,20 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
-from pipeline.ledger import Ledger
+from pipeline import storage
+from pipeline.ledger import META_DIR, Ledger
+
+
+def resolved_config_path(output: str) -> str:
+    """Where the executor records a stage output's resolved config and the upstream outputs
+    it read (``{"stage", "fingerprint", "config", "inputs": [{"stage", "uri", ...}]}``)."""
+    return storage.join(output, META_DIR, "config.json")
+
+
+def read_resolved_config(output: str) -> dict[str, Any] | None:
+    """The record at ``resolved_config_path(output)``, or None if there is none."""
+    path = resolved_config_path(output)
+    return json.loads(storage.read_text(path)) if storage.exists(path) else None
 
 
 class StageConfig(BaseModel):

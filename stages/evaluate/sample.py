@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import sys
 import textwrap
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
+
+from pipeline.stage import read_resolved_config, resolved_config_path
 
 if TYPE_CHECKING:
     from stages.tokenize import Tokenizer
@@ -95,13 +96,14 @@ def _is_hf_dir(path: str) -> bool:
 
 def _recorded_tokenizer(train: str) -> str:
     """The tokenize output the train stage read, from the executor's resolved config."""
-    path = os.path.join(train, "_meta", "config.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            for upstream in json.load(f).get("inputs", []):
-                if upstream.get("stage") == "tokenize":
-                    return upstream["uri"]
-    raise SampleError(f"{train}: no tokenize input recorded in {path}; pass --tokenizer DIR")
+    recorded = read_resolved_config(train) or {}
+    for upstream in recorded.get("inputs", []):
+        if upstream.get("stage") == "tokenize":
+            return upstream["uri"]
+    raise SampleError(
+        f"{train}: no tokenize input recorded in {resolved_config_path(train)}; "
+        "pass --tokenizer DIR"
+    )
 
 
 def load_model(

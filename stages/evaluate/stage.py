@@ -35,7 +35,13 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline import storage
-from pipeline.stage import StageConfig, StageContext, register
+from pipeline.stage import (
+    StageConfig,
+    StageContext,
+    read_resolved_config,
+    register,
+    resolved_config_path,
+)
 from stages.evaluate.published import GPT3_CURIE, GPTJ_6B, published
 
 if TYPE_CHECKING:
@@ -189,13 +195,13 @@ def final_params(train: str, step: int) -> tuple[ModelConfig, Params]:
 
 def train_config(train: str) -> dict[str, Any]:
     """The train stage's resolved config, as the executor recorded it."""
-    path = storage.join(train, "_meta", "config.json")
-    if not storage.exists(path):
+    recorded = read_resolved_config(train)
+    if recorded is None:
         raise FileNotFoundError(
-            f"{path}: missing; the initial model is rebuilt from the train stage's recorded "
-            "config (its seed), which the executor writes there"
+            f"{resolved_config_path(train)}: missing; the initial model is rebuilt from the "
+            "train stage's recorded config (its seed), which the executor writes there"
         )
-    return json.loads(storage.read_text(path))
+    return recorded
 
 
 def initial_params(train: str) -> tuple[ModelConfig, Params]:
