@@ -237,7 +237,10 @@ def _produce(
     lease = Lease(stage.output, invocation.id, config.lease_seconds).acquire()
     if lease.previous and lease.previous.state == RUNNING and lease.previous.mlflow_run_id:
         invocation.lineage.mark_killed(lease.previous.mlflow_run_id)
-    lease.status.inputs = {u.stage: u.digest for u in inputs}
+    lease.update(
+        inputs={u.stage: u.digest for u in inputs},
+        node=ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
+    )
     resolved = stage_config.model_dump(mode="json")
     _write_resolved_config(stage, resolved, inputs)
     try:
@@ -313,6 +316,9 @@ def run_pipeline(
             # Retry the call for as long as Ray may restart the actor: counted retries ran out
             # while the GCS had not yet noticed a killed node, failing the stage.
             max_task_retries=-1,
+            # Stage actors live as long as their stage and do its in-process work (training
+            # hosts, export, scoring): spread them rather than stack them on the driver's node.
+            scheduling_strategy="SPREAD",
         ).remote(config)
         upstream_refs = [refs[u] for u in planned[name].inputs]
         refs[name] = actor.execute.remote(invocation, planned[name], name in forced, *upstream_refs)

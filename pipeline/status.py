@@ -35,6 +35,8 @@ class Status:
     """Id of the ``meshline run`` that wrote this status."""
     host: str = field(default_factory=socket.gethostname)
     pid: int = field(default_factory=os.getpid)
+    node: str | None = None
+    """Ray node id of the runner's process (several nodes may share one host)."""
     heartbeat: float = field(default_factory=time.time)
     started: float = field(default_factory=time.time)
     finished: float | None = None

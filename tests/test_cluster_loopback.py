@@ -1,17 +1,19 @@
-"""``meshline submit`` to a real two-node Ray cluster on 127.0.0.1, and a worker node killed
-mid-run.
+"""The demo pipeline through ``meshline submit`` on a real two-node Ray cluster on 127.0.0.1,
+then one stage forced again while a worker node is killed.
 
 The cluster is two ``ray start`` processes of our own (a head with the dashboard's Jobs API
 and one CPU, and a worker node with one CPU), on their own ports and temp dir, with token
 authentication on. Nothing else is touched: no ``ray stop``; teardown ends the process
 groups we started and the processes naming our GCS address.
 
-The pipeline (download from a local HTTP mirror, then dedup with ``shared_filesystem``:
-both nodes see this machine's disk) is submitted once undisturbed; then ``submit --stage
-dedup --force`` redoes dedup alone (download is reused) while the worker node is killed
-(its whole process group, raylet included: SIGKILL) as soon as dedup has committed its first
-unit. That job must still SUCCEED on the surviving head with dedup's output digest equal to
-the undisturbed run's.
+``configs/demo.yaml`` (all six stages, on a smaller corpus, four training steps and a small
+evaluation; dedup with ``shared_filesystem``: both nodes see this machine's disk) is submitted
+once undisturbed: it must SUCCEED with its stage actors on both nodes. Then ``submit --stage
+tokenize --force`` redoes tokenize alone while the worker node is killed (its whole process
+group, raylet included: SIGKILL) as soon as tokenize has committed its first unit. While it
+is redone ``meshline status`` shows train, convert and evaluate STALE; the job must still
+SUCCEED on the surviving head, upstream stages reused and downstream ones untouched, with
+tokenize's output digest equal to the undisturbed run's (so downstream is current again).
 
 Found here, and fixed in ``pipeline.executor``: Ray Data's cluster-wide coordinator actor is
 pinned to the node of the first process that ran a dataset, so when that node was the killed
@@ -26,6 +28,7 @@ Slow: two Ray jobs on a fresh cluster; minutes on a shared 2-core machine.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -38,13 +41,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-import zstandard
 
 from pipeline.ledger import Ledger
-from pipeline.status import RUNNING, read_status
+from pipeline.status import RUNNING, Status, read_status
 from tests.autoscaling import end_processes, free_port, gcs_alive_nodes, processes_naming
-from tests.dedup_corpus import pile_line
-from tests.httpserver import FileServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -163,48 +163,36 @@ def cluster() -> Iterator[LoopbackCluster]:
         cluster.stop()
 
 
-@pytest.fixture(scope="module")
-def mirror(tmp_path_factory) -> Iterator[FileServer]:
-    """Pile-format files: two train files (with exact and near duplicates), val and test."""
-    root = tmp_path_factory.mktemp("mirror")
-    base = [f"doc {i} " + " ".join(f"w{(i * 7 + k) % 97}" for k in range(60)) for i in range(40)]
-    files = {
-        "train/00.jsonl": base,
-        "train/01.jsonl": base[:20] + [t + " extra" for t in base[20:]],
-        "val.jsonl": base[:2],
-        "test.jsonl": ["a test document"],
-    }
-    for name, texts in files.items():
-        path = root / f"{name}.zst"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = "".join(pile_line(t, "Github") for t in texts).encode()
-        path.write_bytes(zstandard.ZstdCompressor().compress(data))
-    with FileServer(str(root)).running() as server:
-        yield server
+DEMO = ROOT / "configs" / "demo.yaml"
+STAGES = ("download", "dedup", "tokenize", "train", "convert", "evaluate")
+DOWNSTREAM = ("train", "convert", "evaluate")
 
 
-def write_config(path: Path, root: Path, mirror: FileServer) -> None:
-    config = {
-        "name": "loopback",
-        "root": str(root),
-        "stage_modules": ["stages.download", "stages.dedup"],
-        "stages": {
-            "download": {
-                "base_url": mirror.url + "/",
-                "sources": ["train/00.jsonl.zst", "train/01.jsonl.zst"]
-                + ["val.jsonl.zst", "test.jsonl.zst"],
-            },
-            "dedup": {
-                "unit_docs": 5,
-                "partitions": 2,
-                "num_perm": 64,
-                "min_workers": 1,
-                "max_workers": 2,
-                "parse_concurrency": 2,
-                "shared_filesystem": True,
-            },
-        },
-    }
+def write_demo_config(path: Path, root: Path) -> None:
+    """configs/demo.yaml, every stage of it, on a smaller corpus, model run and evaluation."""
+    config = yaml.safe_load(DEMO.read_text())
+    config["root"] = str(root)
+    stages = config["stages"]
+    stages["download"]["demo_corpus"] = {"train_shards": 2, "max_text_mb": 2, "math_documents": 200}
+    # Both nodes see this machine's disk, so dedup may work on either.
+    stages["dedup"].update(unit_docs=150, partitions=2, shared_filesystem=True)
+    stages["tokenize"]["tokenizer"].update(vocab_size=512, sample_mb=0.5)
+    stages["tokenize"]["seq_len"] = 64
+    stages["train"].update(
+        model_overrides={"vocab_size": 512},
+        global_batch=4,
+        steps=4,
+        val_every=2,
+        val_batches=1,
+        checkpoint_every=2,
+        optimizer={"lr": 0.002, "end_lr": 0.0002, "warmup_steps": 1, "anneal_steps": 3},
+    )
+    stages["evaluate"].update(
+        demo_tasks={"lambada": 8, "choice": 8},
+        bits_per_byte={"max_bytes_per_component": 4000},
+        compare_initial=False,
+        samples={"prompts": ["def "], "max_new_tokens": 4},
+    )
     path.write_text(yaml.safe_dump(config))
 
 
@@ -220,14 +208,30 @@ def submit(cluster: LoopbackCluster, config: Path, log: Path, *extra: str) -> su
         )
 
 
-def digest(root: Path, stage: str) -> str:
-    return Ledger(str(next(root.glob(f"{stage}-*")))).digest()
+def stage_states(config: Path) -> dict[str, str]:
+    """``meshline status --json``: what a user sees."""
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "status", str(config), "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return {report["stage"]: report["state"] for report in json.loads(out)}
+
+
+def output(root: Path, stage: str) -> str:
+    return str(next(root.glob(f"{stage}-*")))
+
+
+def statuses(root: Path) -> dict[str, Status]:
+    return {stage: read_status(output(root, stage)) for stage in STAGES}
 
 
 def redoing(root: Path, stage: str) -> bool:
     """The stage is RUNNING again and has committed a unit of its new output."""
-    output = str(next(root.glob(f"{stage}-*")))
-    status = read_status(output)
+    outputs = list(root.glob(f"{stage}-*"))
+    status = read_status(str(outputs[0])) if outputs else None
     return status is not None and status.state == RUNNING and committed(root, stage) > 0
 
 
@@ -236,36 +240,52 @@ def committed(root: Path, stage: str) -> int:
     return len(Ledger(str(outputs[0])).records()) if outputs else 0
 
 
-@pytest.mark.timeout(900)
-def test_submit_survives_a_worker_node_killed_mid_run(cluster, mirror, tmp_path):
+@pytest.mark.timeout(1200)
+def test_demo_submitted_spreads_over_nodes_and_a_forced_stage_survives_a_node_kill(
+    cluster, tmp_path
+):
     root, config = tmp_path / "root", tmp_path / "pipeline.yaml"
-    write_config(config, root, mirror)
+    write_demo_config(config, root)
     job = submit(cluster, config, tmp_path / "first.log")
-    assert job.wait(timeout=420) == 0, (tmp_path / "first.log").read_text()[-4000:]
+    assert job.wait(timeout=900) == 0, (tmp_path / "first.log").read_text()[-4000:]
     assert "SUCCEEDED" in (tmp_path / "first.log").read_text()
-    expected = {stage: digest(root, stage) for stage in ("download", "dedup")}
-    fetched = mirror.data_hits()
+    assert stage_states(config) == dict.fromkeys(STAGES, "DONE")
+    first = statuses(root)
+    nodes = {node["node_id"] for node in cluster.alive_nodes() or []}
+    assert {status.node for status in first.values()} == nodes
 
     log = tmp_path / "rerun.log"
-    job = submit(cluster, config, log, "--stage", "dedup", "--force")
+    job = submit(cluster, config, log, "--stage", "tokenize", "--force")
     try:
         deadline = time.monotonic() + 300
-        # --force deletes dedup's output first: wait for a unit committed by this job.
-        while not redoing(root, "dedup"):
+        # --force deletes tokenize's output first: wait for a unit committed by this job.
+        while not redoing(root, "tokenize"):
             assert job.poll() is None, log.read_text()[-4000:]
             assert time.monotonic() < deadline, log.read_text()[-4000:]
             time.sleep(0.1)
-        units_at_kill = committed(root, "dedup")
+        units_at_kill = committed(root, "tokenize")
+        during = stage_states(config)
         cluster.kill_worker()
         assert job.wait(timeout=420) == 0, log.read_text()[-4000:]
     finally:
         if job.poll() is None:
             job.kill()
             job.wait()
-    output = log.read_text()
-    assert "SUCCEEDED" in output, output[-4000:]
-    # The kill came before dedup finished, only the head is left, download was not redone.
-    assert units_at_kill < committed(root, "dedup"), output[-4000:]
+    text = log.read_text()
+    assert "SUCCEEDED" in text, text[-4000:]
+    # While tokenize was redone everything downstream of it was STALE, upstream DONE.
+    assert during == {**dict.fromkeys(STAGES, "DONE"), "tokenize": "RUNNING"} | dict.fromkeys(
+        DOWNSTREAM, "STALE"
+    )
+    # The kill came before tokenize finished, and only the head is left.
+    assert units_at_kill < committed(root, "tokenize"), text[-4000:]
     assert len(cluster.alive_nodes() or []) == 1
-    assert mirror.data_hits() == fetched
-    assert {stage: digest(root, stage) for stage in expected} == expected
+    after = statuses(root)
+    assert after["tokenize"].finished > first["tokenize"].finished
+    # Only tokenize was redone: upstream was reused, downstream was not run.
+    assert {s: after[s] for s in STAGES if s != "tokenize"} == {
+        s: first[s] for s in STAGES if s != "tokenize"
+    }
+    # Its new output is the same bytes, so what was trained on it is current again.
+    assert after["tokenize"].digest == first["tokenize"].digest
+    assert stage_states(config) == dict.fromkeys(STAGES, "DONE")
