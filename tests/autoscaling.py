@@ -7,17 +7,23 @@ process group (with Ray's fake multi-node provider as the autoscaler's node prov
 stop ends that group plus the fake worker nodes the autoscaler spawned, found by this
 cluster's GCS address on their command lines.
 
-Run as ``python -m tests.autoscaling ADDRESS WORK`` it is the driver the autoscaling test
-starts on such a cluster: it runs the tokenize stage on a generated input twice, first with
-an autoscaling encoder pool (min 1, max 2), then with a fixed pool of one actor, and prints
-one JSON line per run: the ledger digest, the stage's metrics, and the pool's actors (from
-the GCS actor table: id, node, pid, start and end in ms)."""
+Run as ``python -m tests.autoscaling ADDRESS WORK MODE`` it is the driver the autoscaling
+tests start on such a cluster. It runs one piece of work twice, first with an autoscaling
+actor pool (min 1, max 2), then with a fixed pool of one actor, and prints one JSON line per
+run with the pool's actors (from the GCS actor table: id, node, pid, start and end in ms):
+
+- ``tokenize``: the tokenize stage on a generated input; each line also has the ledger
+  digest and the stage's metrics.
+- ``dedup-signing``: dedup's parse and exact phases once on a generated download, then, on
+  a copy of their output per run, only its signature phase (``sign_all``); each line also
+  has the sha256 of every signature file and the pids of the workers that signed."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -26,6 +32,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipeline.stage import StageContext
 
 HEAD_NODE_TYPE = "ray.head.default"
 
@@ -244,8 +254,24 @@ def _exists(pid: int) -> bool:
         return False
 
 
-# What tokenize's pool actors are called in the GCS actor table (Ray Data's map worker).
+# What the pools' actors are called in the GCS actor table (Ray Data's map workers).
 ENCODER_ACTORS = "MapWorker(MapBatches(Encoder))"
+SIGNER_ACTORS = "MapWorker(MapBatches(Signer))"
+POOLS = (("autoscaling", (1, 2)), ("fixed", (1, 1)))
+
+# Dedup's generated download: one document per unit, each heavy to sign (classic MinHash with
+# 1024 permutations over ~60k word shingles), so one actor takes long enough over the units
+# for the second to start and take some, without much data to read.
+SIGNING_UNITS = 16
+SIGNING_WORDS = 60_000
+SIGNING_CONFIG = {
+    "unit_docs": 1,
+    "num_perm": 1024,
+    "scheme": "permutations",
+    "verify": False,
+    "partitions": 2,
+    "shared_filesystem": True,
+}
 
 
 def _tokenize_input(work: Path) -> tuple[str, dict]:
@@ -281,17 +307,21 @@ def _pool_actors(class_name: str, exclude: set[str]) -> list[dict]:
     ]
 
 
-def drive(address: str, work: Path) -> None:
+def _connect(address: str) -> None:
     import ray
 
+    ray.init(address=address, log_to_driver=False)
+
+
+def drive_tokenize(address: str, work: Path) -> None:
     from pipeline.ledger import Ledger
     from pipeline.stage import StageContext, Upstream
     from stages.tokenize import TokenizeConfig, run
 
     dedup, settings = _tokenize_input(work)
-    ray.init(address=address, log_to_driver=False)
+    _connect(address)
     seen: set[str] = set()
-    for name, pool in (("autoscaling", (1, 2)), ("fixed", (1, 1))):
+    for name, pool in POOLS:
         output = str(work / name / "tokenize-fp")
         ctx = StageContext(
             name="tokenize",
@@ -310,5 +340,74 @@ def drive(address: str, work: Path) -> None:
         print("RESULT " + json.dumps({**result, "actors": actors}), flush=True)
 
 
+def _signing_download(work: Path) -> str:
+    """Two train files of ``SIGNING_UNITS / 2`` distinct random documents each."""
+    from tests.dedup_corpus import make_download, pile_line, random_text
+
+    rng = random.Random(7)
+    per_file = SIGNING_UNITS // 2
+    files = {
+        f"train/{f:02d}.jsonl.zst": "".join(
+            pile_line(random_text(rng, SIGNING_WORDS)) for _ in range(per_file)
+        )
+        for f in range(2)
+    }
+    return make_download(work / "download", files)
+
+
+def _dedup_context(output: Path, download: str, pool: tuple[int, int]) -> StageContext:
+    from pipeline.ledger import Ledger
+    from pipeline.stage import StageContext, Upstream
+    from stages.dedup import DedupConfig
+
+    return StageContext(
+        name="dedup",
+        config=DedupConfig(**SIGNING_CONFIG, min_workers=pool[0], max_workers=pool[1]),
+        output=str(output),
+        inputs={"download": Upstream("download", download, "fp", "digest")},
+        ledger=Ledger(str(output)),
+        pipeline_root=str(output.parent),
+    )
+
+
+def drive_dedup_signing(address: str, work: Path) -> None:
+    from stages.dedup.stage import (
+        Placement,
+        input_files,
+        parse_all,
+        run_exact,
+        sign_all,
+        train_units,
+    )
+
+    download = _signing_download(work)
+    _connect(address)
+    parsed = work / "parsed" / "dedup-fp"
+    ctx = _dedup_context(parsed, download, (1, 1))
+    placement = Placement.for_output(ctx.output, ctx.config)
+    units = parse_all(ctx, input_files(download), placement)
+    run_exact(ctx, units, placement)
+    train = train_units(units)
+    seen: set[str] = set()
+    for name, pool in POOLS:
+        output = work / name / "dedup-fp"
+        shutil.copytree(parsed, output)
+        ctx = _dedup_context(output, download, pool)
+        workers = sign_all(ctx, train, placement)
+        actors = _pool_actors(SIGNER_ACTORS, seen)
+        seen |= {a["id"] for a in actors}
+        signatures = {
+            f["path"]: f["sha256"]
+            for r in ctx.ledger.records()
+            if r["name"].startswith("sig/")
+            for f in r["files"]
+        }
+        result = {"run": name, "signatures": signatures, "workers": sorted(workers)}
+        print("RESULT " + json.dumps({**result, "actors": actors}), flush=True)
+
+
+DRIVERS = {"tokenize": drive_tokenize, "dedup-signing": drive_dedup_signing}
+
+
 if __name__ == "__main__":
-    drive(sys.argv[1], Path(sys.argv[2]))
+    DRIVERS[sys.argv[3]](sys.argv[1], Path(sys.argv[2]))

@@ -2,18 +2,19 @@
 autoscaler that adds fake worker nodes (2 CPUs each, at most 2) on demand and removes them
 once idle.
 
-With tokenize's encoder pool configured min 1 / max 2, a driver (``python -m
-tests.autoscaling``) runs the stage, then runs it again with a fixed pool of one actor. The
-test checks that the cluster grew from no worker node, that the pool grew from one actor to
-two alive at the same time (their lifetimes in the GCS actor table overlap) that both encoded
-batches (distinct pids among the batches' producers), that the output is byte-identical to
-the fixed pool's, and that the nodes go away after the runs.
+Each test runs a driver (``python -m tests.autoscaling``) that does one piece of work with
+an actor pool of min 1 / max 2, then again with a fixed pool of one actor, and checks that
+the pool grew from one actor to two alive at the same time (their lifetimes in the GCS actor
+table overlap), that both did work (distinct pids among the producers the work reports),
+and that the result equals the fixed pool's:
 
-Dedup's signature pool is not tested here: Ray Data does decide to grow it (its log says
-"Scaling up MapWorker(MapBatches(Signer)) actor pool by 1 (reason=utilization of 2.0 >=
-1.75)"), but on this shared machine the second actor took ~10 s to start, so a signing phase
-short enough for a test often ended first, and each dedup run spends ~30 s in the band
-shuffle on the fake cluster: over this suite's time budget.
+- tokenize's encoder pool, over the whole stage: also that the cluster grew from no worker
+  node and that the nodes go away after the runs; the output is byte-identical.
+- dedup's signature pool, over the signing phase alone (parse and exact run once, before;
+  the band shuffle after signing would add ~30 s per run on the fake cluster): each unit is
+  one document that is heavy to sign, so one actor is still busy when the second is ready to
+  take units (an actor can take ~10 s to start on this shared machine: importing dedup's
+  module imports every stage); the signature files are identical.
 
 Why 2-CPU nodes: Ray Data grows an actor pool only within the CPUs the cluster has now, and
 asks the cluster for more only after measuring throughput for a while (requests at least 10 s
@@ -35,7 +36,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.autoscaling import FakeAutoscalingCluster
+from tests.autoscaling import SIGNING_UNITS, FakeAutoscalingCluster
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -71,14 +72,14 @@ def wait_until_no_workers(cluster: FakeAutoscalingCluster, timeout: float) -> No
     raise AssertionError(f"worker nodes still alive; counts seen: {counts}")
 
 
-def drive(cluster: FakeAutoscalingCluster, work) -> tuple[dict, dict, list[int]]:
-    """Run the driver; returns the autoscaling and fixed runs' results and the
+def drive(cluster: FakeAutoscalingCluster, work, mode: str) -> tuple[dict, dict, list[int]]:
+    """Run the driver in ``mode``; returns the autoscaling and fixed runs' results and the
     worker-node counts polled while it ran."""
     wait_until_no_workers(cluster, 120)
     log = work / "driver.log"
     with open(log, "w") as out:
         driver = subprocess.Popen(
-            [sys.executable, "-m", "tests.autoscaling", cluster.address, str(work)],
+            [sys.executable, "-m", "tests.autoscaling", cluster.address, str(work), mode],
             env=dict(cluster.env, PYTHONPATH=ROOT),
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -121,7 +122,7 @@ def most_at_once(actors: list[dict]) -> int:
 
 @pytest.mark.timeout(300)
 def test_tokenize_encoder_pool_grows_from_min_to_max(cluster, tmp_path):
-    autoscaling, fixed, counts = drive(cluster, tmp_path)
+    autoscaling, fixed, counts = drive(cluster, tmp_path, "tokenize")
     assert counts and counts[0] == 0 and max(counts) >= 1, f"worker nodes polled: {counts}"
     assert most_at_once(autoscaling["actors"]) == 2, autoscaling["actors"]
     assert most_at_once(fixed["actors"]) == 1, fixed["actors"]
@@ -129,3 +130,16 @@ def test_tokenize_encoder_pool_grows_from_min_to_max(cluster, tmp_path):
     assert autoscaling["metrics"]["workers"] == 2
     assert fixed["metrics"]["workers"] == 1
     wait_until_no_workers(cluster, 120)
+
+
+@pytest.mark.timeout(300)
+def test_dedup_signature_pool_grows_from_min_to_max(cluster, tmp_path):
+    autoscaling, fixed, _ = drive(cluster, tmp_path, "dedup-signing")
+    assert most_at_once(autoscaling["actors"]) == 2, autoscaling["actors"]
+    assert most_at_once(fixed["actors"]) == 1, fixed["actors"]
+    # The producers the signed rows name are the pool's actors, and both of them signed.
+    assert len(autoscaling["workers"]) == 2, autoscaling
+    assert set(autoscaling["workers"]) == {a["pid"] for a in autoscaling["actors"]}
+    assert len(fixed["workers"]) == 1, fixed
+    assert len(autoscaling["signatures"]) == SIGNING_UNITS
+    assert autoscaling["signatures"] == fixed["signatures"]

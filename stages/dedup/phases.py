@@ -13,13 +13,13 @@ these as Ray tasks, Ray Data actors and shuffles, and commits each result as a l
 
 from __future__ import annotations
 
+import os
 from collections import Counter, defaultdict
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import ray
 
 from pipeline import storage
 from pipeline.ledger import Ledger
@@ -154,16 +154,16 @@ class Signer:
         self.config = config
         self.units = units
         self.bands, self.rows = config.band_shape()
+        self.pid = os.getpid()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Sign the units numbered in ``batch["unit"]``; returns how many documents each
-        contributed and which node did it."""
+        contributed and which worker (process id) did it."""
         signed = [self.sign(self.units[int(i)]) for i in batch["unit"]]
-        node = ray.get_runtime_context().get_node_id()
         return {
             "unit": batch["unit"],
             "signed": np.array(signed, dtype=np.int64),
-            "node": np.array([node] * len(signed)),
+            "worker": np.full(len(signed), self.pid, dtype=np.int64),
         }
 
     def sign(self, unit: dict[str, Any]) -> int:

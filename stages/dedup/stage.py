@@ -187,8 +187,14 @@ def run_exact(ctx: StageContext, units: list[dict], placement: Placement) -> dic
     return dict(totals)
 
 
-def sign_all(ctx: StageContext, train: list[dict], placement: Placement) -> None:
-    """Band keys of every train unit, on a Ray Data actor pool of min..max workers."""
+def train_units(units: list[dict]) -> list[dict]:
+    """The train units that hold documents: what the signature and near phases work on."""
+    return [u for u in units if u["split"] == "train" and u["docs"]]
+
+
+def sign_all(ctx: StageContext, train: list[dict], placement: Placement) -> set[int]:
+    """Band keys of every train unit not yet signed, on a Ray Data actor pool of min..max
+    workers; returns the process ids of the workers that signed them."""
     config: DedupConfig = ctx.config
     todo = [
         i
@@ -196,7 +202,7 @@ def sign_all(ctx: StageContext, train: list[dict], placement: Placement) -> None
         if not ctx.ledger.is_committed(f"sig/{u['file']}/{u['index']:05d}")
     ]
     if not todo:
-        return
+        return set()
     release_stranded_data_coordinator()
     ds = ray.data.from_items([{"unit": i} for i in todo], override_num_blocks=len(todo))
     ds = ds.map_batches(
@@ -210,8 +216,15 @@ def sign_all(ctx: StageContext, train: list[dict], placement: Placement) -> None
         num_cpus=1,
         **placement.data_options(),
     )
-    signed = sum(int(row["signed"]) for row in ds.iter_rows())
-    log.info("dedup: signed %d documents in %d units", signed, len(todo))
+    signed = 0
+    workers: set[int] = set()
+    for row in ds.iter_rows():
+        signed += int(row["signed"])
+        workers.add(int(row["worker"]))
+    log.info(
+        "dedup: signed %d documents in %d units on %d workers", signed, len(todo), len(workers)
+    )
+    return workers
 
 
 def _read_bands(batch: dict, output: str, train: list[dict]) -> dict:
@@ -389,7 +402,7 @@ def run(ctx: StageContext) -> None:
     files = input_files(ctx.inputs["download"].uri)
     placement = Placement.for_output(ctx.output, config)
     units = parse_all(ctx, files, placement)
-    train = [u for u in units if u["split"] == "train" and u["docs"]]
+    train = train_units(units)
     run_exact(ctx, units, placement)
     clusters: dict[str, Any] = {}
     near_done = config.near and bool(train)
