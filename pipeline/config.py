@@ -40,7 +40,7 @@ class PipelineConfig(BaseModel):
     """A RUNNING status not renewed for this long is stale and may be taken over."""
     max_restarts: int = Field(default=2, ge=0)
     """How often Ray restarts a stage actor that died; the stage resumes from its ledger."""
-    stage_modules: tuple[str, ...] = ("stages",)
+    stage_modules: tuple[str, ...] = ("stages.all",)
     """Modules imported to register stages (a plugin adds its module here)."""
     stages: dict[str, StageConfig] = Field(default_factory=dict)
     """Stage name -> that stage's config; only the stages listed here are run."""

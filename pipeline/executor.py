@@ -26,6 +26,7 @@ import ray
 from pipeline import lineage, storage
 from pipeline.config import PipelineConfig
 from pipeline.ledger import Ledger
+from pipeline.raydata import release_stranded_data_coordinator
 from pipeline.stage import REGISTRY, StageContext, Upstream, fingerprint, resolved_config_path
 from pipeline.status import FAILED, RUNNING, SUCCESS, Lease, is_stale, read_status
 
@@ -164,38 +165,6 @@ class StageActor:
     ) -> Outcome:
         release_stranded_data_coordinator()
         return execute_stage(self.config, invocation, stage, force, [o.upstream for o in upstream])
-
-
-DATA_COORDINATOR = ("AutoscalingCoordinator", "AutoscalingCoordinator")
-"""Name and namespace of Ray Data's cluster-wide autoscaling coordinator actor."""
-
-
-def release_stranded_data_coordinator(timeout: float = 30.0) -> None:
-    """Ray Data (2.60) creates its coordinator as a detached actor with a hard affinity to
-    the node of the first process that ran a dataset. If that node dies the actor can never
-    be placed again and every later dataset on the cluster fails (ActorUnschedulableError).
-    Such a stranded coordinator is killed here, so that the next dataset creates a new one
-    on a live node: stages call this before each dataset they run (a node may die mid-stage),
-    the stage actor before each stage."""
-    from ray._private.state import actors
-
-    try:
-        handle = ray.get_actor(DATA_COORDINATOR[0], namespace=DATA_COORDINATOR[1])
-    except ValueError:
-        return
-    info = actors(handle._actor_id.hex())
-    alive = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
-    if info.get("State") == "ALIVE" and info.get("Address", {}).get("NodeID") in alive:
-        return
-    log.warning("Ray Data's coordinator is stranded (%s); replacing it", info.get("State"))
-    ray.kill(handle, no_restart=True)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            ray.get_actor(DATA_COORDINATOR[0], namespace=DATA_COORDINATOR[1])
-        except ValueError:
-            return
-        time.sleep(0.2)
 
 
 def execute_stage(

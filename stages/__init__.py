@@ -1,4 +1,7 @@
-"""The pipeline's stages. Importing this package registers every stage with the executor."""
+"""The pipeline's stages, one module or subpackage each.
 
-# One import per stage module; each registers itself with ``pipeline.stage.register``.
-from stages import convert, dedup, download, evaluate, tokenize, train  # noqa: F401
+Importing a stage module registers that stage with the executor; ``stages.all`` imports
+every one (the default ``stage_modules``). This file imports nothing, so a Ray worker that
+runs one stage's code loads only that stage (not JAX, Orbax and transformers for a dedup
+task).
+"""

@@ -13,8 +13,8 @@ and that the result equals the fixed pool's:
 - dedup's signature pool, over the signing phase alone (parse and exact run once, before;
   the band shuffle after signing would add ~30 s per run on the fake cluster): each unit is
   one document that is heavy to sign, so one actor is still busy when the second is ready to
-  take units (an actor can take ~10 s to start on this shared machine: importing dedup's
-  module imports every stage); the signature files are identical.
+  take units (an actor can take ~10 s to start on this shared machine); the signature
+  files are identical.
 
 Why 2-CPU nodes: Ray Data grows an actor pool only within the CPUs the cluster has now, and
 asks the cluster for more only after measuring throughput for a while (requests at least 10 s

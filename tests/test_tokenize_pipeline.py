@@ -22,7 +22,7 @@ def test_demo_download_dedup_tokenize(ray_cluster, tmp_path):
         {
             "name": "demo-tokenize",
             "root": str(tmp_path / "root"),
-            "stage_modules": ["stages", "stages.dedup", "stages.tokenize"],
+            "stage_modules": ["stages.download", "stages.dedup", "stages.tokenize"],
             "stages": {
                 "download": {"demo_corpus": {"max_text_mb": 1, "math_documents": 100}},
                 "dedup": {"unit_docs": 200, "partitions": 4},

@@ -38,8 +38,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
 from pipeline import storage
-from pipeline.executor import release_stranded_data_coordinator
 from pipeline.ledger import Ledger
+from pipeline.raydata import release_stranded_data_coordinator
 from pipeline.stage import StageContext, register
 from stages.dedup.components import connected_components
 from stages.dedup.config import DedupConfig

@@ -41,8 +41,8 @@ import ray
 from pydantic import Field, model_validator
 
 from pipeline import storage
-from pipeline.executor import release_stranded_data_coordinator
 from pipeline.ledger import Ledger
+from pipeline.raydata import release_stranded_data_coordinator
 from pipeline.stage import StageConfig, StageContext, register
 from stages.tokenize.bpe import EOS, Tokenizer, load_gpt2, load_tokenizer, train_bpe
 from stages.tokenize.packing import RowWriter, with_eos

@@ -1,0 +1,3 @@
+"""Every stage of the pipeline: importing this module registers them all with the executor."""
+
+from stages import convert, dedup, download, evaluate, tokenize, train  # noqa: F401
