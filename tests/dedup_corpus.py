@@ -37,14 +37,15 @@ def make_download(root: Path, files: dict[str, bytes | str]) -> str:
     return str(root)
 
 
-def run_dedup(download: str, out: Path, **config: Any) -> StageContext:
+def run_dedup(download: str, out: Path | str, **config: Any) -> StageContext:
+    """Run the stage on a download output into ``out`` (a local path or gs:// URI)."""
     ctx = StageContext(
         name="dedup",
         config=DedupConfig(**config),
         output=str(out),
         inputs={"download": Upstream("download", download, "fp", "digest")},
         ledger=Ledger(str(out)),
-        pipeline_root=str(out.parent),
+        pipeline_root=str(out).rsplit("/", 1)[0],
     )
     REGISTRY["dedup"].run(ctx)
     return ctx

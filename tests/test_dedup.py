@@ -1,6 +1,6 @@
 """The dedup stage run whole on the ``ray_cluster`` fixture: duplicate-detection quality
-against exact Jaccard ground truth, byte-identical output across worker counts and after
-interrupted runs, bad input, and the demo pipeline through the executor."""
+against exact Jaccard ground truth, byte-identical output across worker counts, on GCS and
+after interrupted runs, bad input, and the demo pipeline through the executor."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import executor
+from pipeline import executor, storage
 from pipeline.config import validate
 from pipeline.ledger import Ledger
 from stages.dedup import minhash
@@ -132,7 +132,28 @@ def forget(out: Path, keep: callable) -> None:
     (out / "train" / ".tmp-part-00000.parquet.x").write_bytes(b"half")
 
 
-def test_same_bytes_with_one_or_two_workers_and_after_interruptions(ray_cluster, tmp_path):
+def uploaded(local: str, bucket: str) -> str:
+    """The files of a local directory copied under ``bucket``; returns their gs:// prefix."""
+    remote = storage.join(bucket, "download")
+    for path in sorted(Path(local).rglob("*")):
+        if path.is_file():
+            storage.write_atomic(
+                storage.join(remote, str(path.relative_to(local))), path.read_bytes()
+            )
+    return remote
+
+
+def gcs_output_files(output: str) -> dict[str, bytes]:
+    """``output_files`` of a gs:// output."""
+    found = storage.glob(storage.join(output, "*/part-*.parquet")) + [
+        storage.join(output, "report.json")
+    ]
+    return {uri[len(output) + 1 :]: storage.read_bytes(uri) for uri in found}
+
+
+def test_same_bytes_with_one_or_two_workers_on_gcs_and_after_interruptions(
+    ray_cluster, gcs_bucket, tmp_path
+):
     download = mixed_download(tmp_path / "dl")
     common = {"unit_docs": 12, "partitions": 3, "num_perm": 64}
     one = tmp_path / "one"
@@ -142,6 +163,12 @@ def test_same_bytes_with_one_or_two_workers_and_after_interruptions(ray_cluster,
     expected = output_files(one)
     assert output_files(two) == expected
     assert Ledger(str(one)).digest() == Ledger(str(two)).digest()
+    # Read from and written to GCS (the emulator), work files included.
+    on_gcs = storage.join(gcs_bucket, "dedup")
+    run_dedup(uploaded(download, gcs_bucket), on_gcs, **common)
+    assert gcs_output_files(on_gcs) == expected
+    assert Ledger(on_gcs).digest() == Ledger(str(one)).digest()
+    assert not storage.list_files(storage.join(on_gcs, "_work"))
 
     report = json.loads(expected["report.json"])
     assert report["totals"] == {
