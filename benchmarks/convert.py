@@ -6,11 +6,10 @@
 1. Builds a float32 GPT-J checkpoint of random weights (>= 2 GB with the defaults: 710M
    parameters, 2.84 GB; Orbax's zstd takes ~7% off random weights on disk) in the train
    stage's layout (``checkpoints/0/{state,meta}`` and ``model_config.json``, written by
-   ``stages.convert.write_checkpoint``: Orbax ``StandardSave`` of ``{"params": ...}`` in zarr
-   chunks of at most 16 MiB, the params-only form that ``train.init_from`` reads; the train
-   stage saves one chunk per leaf, whose restore takes 2.4x the CPU time). The weights are
-   generated leaf by leaf in place in one numpy tree, in a subprocess, so no second copy of
-   the model exists while it is written.
+   ``stages.convert.write_checkpoint``: Orbax ``StandardSave`` of ``{"params": ...}`` in the
+   train stage's zarr chunks of at most 16 MiB (``trainer.chunked_save``), the params-only
+   form that ``train.init_from`` reads). The weights are generated leaf by leaf in place in
+   one numpy tree, in a subprocess, so no second copy of the model exists while it is written.
 2. ``shutil.copytree`` of the checkpoint step directory: the plain file copy of the bytes an
    export has to read (MB/s).
 3. Our streaming export (``export_train_output``: the checkpoint leaf being written and the

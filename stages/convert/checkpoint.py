@@ -11,9 +11,8 @@ tensor being written, never the whole model and never the optimiser state.
 ``import_checkpoint`` turns a Hugging Face directory into the same layout with the float32
 params alone (no optimiser state, no RNG) at step 0: ``train.init_from`` fine-tunes from it
 with a fresh optimiser, and ``export_checkpoint`` exports it again bit for bit. Its params are
-saved in zarr chunks of at most ``CHECKPOINT_CHUNK_BYTES``, which Orbax restores in parallel:
-Orbax's default of one chunk per leaf (the train stage's checkpoints) is one zstd frame that
-one thread decompresses, and restoring those took 2.4x the CPU time.
+saved in the train stage's zarr chunks (``trainer.chunked_save``), which Orbax restores in
+parallel.
 """
 
 from __future__ import annotations
@@ -45,11 +44,9 @@ from stages.train.hf_mapping import Params, TensorRule, tensor_rules
 from stages.train.loader import Position
 from stages.train.model_config import ModelConfig
 from stages.train.stage import MODEL_CONFIG
-from stages.train.trainer import CHECKPOINTS
+from stages.train.trainer import CHECKPOINTS, chunked_save
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_CHUNK_BYTES = 16 * 1024**2
 
 
 def read_model_config(train_output: str) -> ModelConfig:
@@ -232,14 +229,10 @@ def write_checkpoint(params: Params, config: ModelConfig, dest: str, step: int =
         options = ocp.CheckpointManagerOptions(create=True)
         with ocp.CheckpointManager(os.path.join(tmp, CHECKPOINTS), options=options) as manager:
             meta = {"step": step, "loader": Position().to_dict()}
-            state = {"params": params}
-            chunk = ocp.SaveArgs(chunk_byte_size=CHECKPOINT_CHUNK_BYTES)
-            chunked = jax.tree.map(lambda _: chunk, state)
             manager.save(
                 step,
                 args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state, save_args=chunked),
-                    meta=ocp.args.JsonSave(meta),
+                    state=chunked_save({"params": params}), meta=ocp.args.JsonSave(meta)
                 ),
             )
             manager.wait_until_finished()
