@@ -91,8 +91,8 @@ def test_import_of_export_is_bit_exact(name: str, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_matrices_spanning_several_copy_bands_export_exactly(dtype: str, tmp_path: Path) -> None:
-    # The output matrix has vocab rows: three bands, the last one short, so both band buffers
-    # are reused while the writer thread may still hold the other.
+    # The output matrix has vocab rows: three bands, the last one short, so the band buffer is
+    # reused and cut short.
     vocab = 2 * TRANSPOSE_BLOCK + 37
     config = gptj(vocab_size=vocab, d_model=16, n_layers=1, n_heads=2, d_ff=32, rotary_dim=4)
     params = random_params(config)

@@ -9,8 +9,8 @@ tensor gets a shard of its own) with ``model.safetensors.index.json``,
 and shape are known from the model config before any weight is read
 (``layout.hf_tensor_shapes``), so each shard's safetensors header is written first and each
 tensor is cast and written as it arrives: a matrix that needs a copy (transposed or cast) is
-copied a band of rows at a time, a writer thread writing one band while the next is copied, so
-nothing is buffered but two bands of the tensor at hand.
+copied and written a band of rows at a time, so nothing is buffered but one band of the tensor
+at hand.
 
 Files go through an ``Opener`` (name -> writable stream), so the same writer fills a local
 directory (built in a hidden sibling and renamed into place), a ``gs://`` prefix (each object
@@ -33,7 +33,6 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import IO, Any
@@ -95,7 +94,7 @@ class ExportSummary:
         )
 
 
-def _write_tensor(f: IO[bytes], tensor: np.ndarray, dtype: np.dtype, writer: Executor) -> int:
+def _write_tensor(f: IO[bytes], tensor: np.ndarray, dtype: np.dtype) -> int:
     """Write ``tensor`` C-ordered as ``dtype``, cast through float32 first so bf16 master weights
     and float32 ones round the same way; returns the bytes written. Copied only where dtype or
     order change, and a matrix a band of rows at a time, so no whole copy is ever held."""
@@ -105,23 +104,18 @@ def _write_tensor(f: IO[bytes], tensor: np.ndarray, dtype: np.dtype, writer: Exe
         f.write(memoryview(data.reshape(-1).view(np.uint8)))
         return data.nbytes
     # Copied in square blocks, since one strided pass over a transposed matrix (every torch
-    # Linear weight) misses the cache on nearly every element (2x slower), into two
-    # alternating band buffers, so ``writer`` writes one band while the next is copied.
+    # Linear weight) misses the cache on nearly every element (2x slower). Each band is
+    # written by this thread while it is still in this core's cache: handing it to a writer
+    # thread to overlap the copy with the write was 3x slower (205 vs 702 MB/s for a 2048 x
+    # 8192 float32 transpose written to local disk on 2 cores).
     rows, cols = source.shape
-    buffers = [np.empty((min(TRANSPOSE_BLOCK, rows), cols), dtype) for _ in range(2)]
-    pending: list[Future[int] | None] = [None, None]
-    for k, i in enumerate(range(0, rows, TRANSPOSE_BLOCK)):
-        previous = pending[k % 2]
-        if previous is not None:
-            previous.result()
-        band = buffers[k % 2][: min(TRANSPOSE_BLOCK, rows - i)]
+    buffer = np.empty((min(TRANSPOSE_BLOCK, rows), cols), dtype)
+    for i in range(0, rows, TRANSPOSE_BLOCK):
+        band = buffer[: min(TRANSPOSE_BLOCK, rows - i)]
         for j in range(0, cols, TRANSPOSE_BLOCK):
             columns = slice(j, j + TRANSPOSE_BLOCK)
             band[:, columns] = source[i : i + TRANSPOSE_BLOCK, columns]
-        pending[k % 2] = writer.submit(f.write, memoryview(band.reshape(-1).view(np.uint8)))
-    for write in pending:
-        if write is not None:
-            write.result()
+        f.write(memoryview(band.reshape(-1).view(np.uint8)))
     return rows * cols * dtype.itemsize
 
 
@@ -164,17 +158,16 @@ def _write_shard(
     np_dtype = check_dtype(dtype)
     f.write(_header(shard, SAFETENSORS_DTYPES[dtype], np_dtype.itemsize))
     written = 0
-    with ThreadPoolExecutor(1, thread_name_prefix="convert-write") as writer:
-        for expected, shape in shard:
-            name, tensor = next(tensors)
-            if (name, tuple(tensor.shape)) != (expected, shape):
-                raise ConvertError(
-                    f"tensor {name} {tuple(tensor.shape)} arrived where {expected} {shape} belongs"
-                )
-            written += _write_tensor(f, tensor, np_dtype, writer)
-            bar.update(1)
-            # A view of a whole checkpoint leaf; let it go before the next is read.
-            del tensor
+    for expected, shape in shard:
+        name, tensor = next(tensors)
+        if (name, tuple(tensor.shape)) != (expected, shape):
+            raise ConvertError(
+                f"tensor {name} {tuple(tensor.shape)} arrived where {expected} {shape} belongs"
+            )
+        written += _write_tensor(f, tensor, np_dtype)
+        bar.update(1)
+        # A view of a whole checkpoint leaf; let it go before the next is read.
+        del tensor
     return written
 
 
