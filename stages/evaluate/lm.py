@@ -2,16 +2,18 @@
 
 Each request becomes ``harness.Scored``: a prefix the model reads first and the inputs whose
 logits score the continuation. Requests sharing a prefix (the choices of one question) form
-a group; a batch runs each group's prefix once into a KV cache (its logits are never
-computed: jit drops the unused vocabulary projection), copies the cache to the group's
-rows and decodes every row's inputs against it. So a context is encoded once however many
-choices it has, the vocabulary projection runs only where a token is scored, and identical
-requests are scored once.
+a group; a batch runs each group's prefix once into a KV cache (final hidden states only, no
+logits), copies the cache to the group's rows and decodes every row's inputs against it.
+The vocabulary projection (lm_head, the dominant cost of a small model) then runs only on
+the hidden states of the scored positions, gathered out of the padded rows by flat indices
+computed on the host, and log-probs and greedy misses are summed back to their rows. So a
+context is encoded once however many choices it has, padding is projected only up to the
+scored count's bucket, and identical requests are scored once.
 
-Batches hold groups sorted by padded length; prefix, inputs, group and row counts are padded
-to a few bucket sizes, so jit compiles a handful of shapes per task. Rows per batch are
-bounded by ``batch_size`` and by a token budget, so long rolling windows do not run out of
-memory.
+Batches hold groups sorted by padded length; prefix, inputs, group, row and scored-position
+counts are padded to a few bucket sizes, so jit compiles a handful of shapes per task. Rows
+per batch are bounded by ``batch_size`` and by a token budget, so long rolling windows do not
+run out of memory.
 """
 
 from __future__ import annotations
@@ -47,27 +49,34 @@ def _score(
     rows: Array,
     inputs: Array,
     input_mask: Array,
+    scored: Array,
     targets: Array,
+    real: Array,
 ) -> tuple[Array, Array]:
     """Summed target log-probs [R] and whether every target is the argmax [R].
 
-    prefix [G, P] is left-padded, inputs/targets [R, T] right-padded, row r continues
-    prefix ``rows[r]``."""
+    prefix [G, P] is left-padded, inputs [R, T] right-padded, row r continues prefix
+    ``rows[r]``. scored [N] are flat indices into [R, T] of the positions predicting
+    targets [N]; entries where ``real`` is False are padding and count for nothing."""
     model = Transformer(config)
     cache = KVCache.empty(config, prefix.shape[0], prefix.shape[1] + inputs.shape[1])
     _, cache = model.apply(
-        {"params": params}, prefix, cache, prefix_mask, method=Transformer.decode
+        {"params": params}, prefix, cache, prefix_mask, project=False, method=Transformer.decode
     )
     cache = KVCache(
         k=cache.k[:, rows], v=cache.v[:, rows], valid=cache.valid[rows], index=cache.index
     )
-    logits, _ = model.apply(
-        {"params": params}, inputs, cache, input_mask, method=Transformer.decode
+    hidden, _ = model.apply(
+        {"params": params}, inputs, cache, input_mask, project=False, method=Transformer.decode
     )
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    logprobs = picked - jax.nn.logsumexp(logits, axis=-1)
-    greedy = (jnp.argmax(logits, axis=-1) == targets) | ~input_mask
-    return jnp.where(input_mask, logprobs, 0.0).sum(-1), greedy.all(-1)
+    hidden = hidden.reshape(-1, hidden.shape[-1])[scored]
+    logits = model.apply({"params": params}, hidden[None], method=Transformer.project)[0]
+    picked = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+    logprobs = jnp.where(real, picked - jax.nn.logsumexp(logits, axis=-1), 0.0)
+    misses = real & (jnp.argmax(logits, axis=-1) != targets)
+    owner, n_rows = scored // inputs.shape[1], inputs.shape[0]
+    sums = jax.ops.segment_sum(logprobs, owner, n_rows)
+    return sums, jax.ops.segment_sum(misses.astype(jnp.int32), owner, n_rows) == 0
 
 
 @dataclass
@@ -79,7 +88,12 @@ class _Batch:
     rows: np.ndarray
     inputs: np.ndarray
     input_mask: np.ndarray
+    scored: np.ndarray
+    """Flat indices into ``inputs`` of the scored positions, padded with index 0."""
     targets: np.ndarray
+    """The token each scored position predicts."""
+    real: np.ndarray
+    """Which entries of ``scored`` are real rather than padding."""
     members: list[int]
     """Index into the unique requests of each real row, in row order."""
 
@@ -110,20 +124,33 @@ def _pack(
     rows = np.zeros(row_cap, np.int32)
     inputs = np.full((row_cap, width_t), pad_id, np.int32)
     input_mask = np.zeros((row_cap, width_t), bool)
-    targets = np.zeros((row_cap, width_t), np.int32)
+    n_scored = sum(len(unique[i].targets) for _, m in groups for i in m)
+    scored = np.zeros(_scored_width(n_scored, row_cap * width_t), np.int32)
+    targets = np.zeros(len(scored), np.int32)
     members: list[int] = []
+    filled = 0
     for g, (tokens, group) in enumerate(groups):
         if tokens:
             prefix[g, width_p - len(tokens) :] = tokens
             prefix_mask[g, width_p - len(tokens) :] = True
         for index in group:
-            r, scored = len(members), unique[index]
+            r, request = len(members), unique[index]
             rows[r] = g
-            inputs[r, : len(scored.inputs)] = scored.inputs
-            input_mask[r, : len(scored.inputs)] = True
-            targets[r, : len(scored.targets)] = scored.targets
+            inputs[r, : len(request.inputs)] = request.inputs
+            input_mask[r, : len(request.inputs)] = True
+            end = filled + len(request.targets)
+            scored[filled:end] = r * width_t + np.arange(len(request.targets))
+            targets[filled:end] = request.targets
+            filled = end
             members.append(index)
-    return _Batch(prefix, prefix_mask, rows, inputs, input_mask, targets, members)
+    real = np.arange(len(scored)) < filled
+    return _Batch(prefix, prefix_mask, rows, inputs, input_mask, scored, targets, real, members)
+
+
+def _scored_width(n_scored: int, capacity: int) -> int:
+    """Padded count of scored positions: ``bucket``'s steps, never more than the batch's
+    ``capacity`` positions (which a bucket past 2048 can exceed)."""
+    return min(bucket(n_scored), capacity)
 
 
 def _batches(
@@ -242,7 +269,9 @@ class JaxLM:
                     batch.rows,
                     batch.inputs,
                     batch.input_mask,
+                    batch.scored,
                     batch.targets,
+                    batch.real,
                 )
                 sums, greedy = np.asarray(sums), np.asarray(greedy)
                 for row, index in enumerate(batch.members):

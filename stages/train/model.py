@@ -285,7 +285,7 @@ class Transformer(nn.Module):
         nothing real and their logits are meaningless. positions default to the count of
         real tokens before each one, so a left-padded row scores as if unpadded.
         """
-        return self._forward(tokens, mask, positions, None)[0]
+        return self.project(self._forward(tokens, mask, positions, None)[0])
 
     def decode(
         self,
@@ -293,16 +293,26 @@ class Transformer(nn.Module):
         cache: KVCache,
         mask: Array | None = None,
         positions: Array | None = None,
+        project: bool = True,
     ) -> tuple[Array, KVCache]:
-        """Logits for tokens [B, S] written to the cache after what it holds, and the new cache."""
-        logits, kv, valid = self._forward(tokens, mask, positions, cache)
+        """Logits for tokens [B, S] written to the cache after what it holds, and the new cache.
+
+        With ``project=False``, the final hidden states [B, S, D] instead of logits, for
+        callers that ``project`` only the positions they need."""
+        hidden, kv, valid = self._forward(tokens, mask, positions, cache)
         index = cache.index + tokens.shape[1]
-        return logits, KVCache(k=kv[0], v=kv[1], valid=valid, index=index)
+        out = self.project(hidden) if project else hidden
+        return out, KVCache(k=kv[0], v=kv[1], valid=valid, index=index)
+
+    def project(self, hidden: Array) -> Array:
+        """Float32 logits [B, S, V] of final hidden states [B, S, D]."""
+        return constrain(self.lm_head(hidden).astype(jnp.float32), ("batch", "length", "vocab"))
 
     def _forward(
         self, tokens: Array, mask: Array | None, positions: Array | None, cache: KVCache | None
     ) -> tuple[Array, tuple[Array, Array] | None, Array]:
-        """Logits, the updated keys/values (with a cache) and which key slots are real."""
+        """Final hidden states, the updated keys/values (with a cache) and which key slots
+        are real."""
         mask = jnp.ones(tokens.shape, bool) if mask is None else mask.astype(bool)
         if cache is None:
             slot, seen, key_valid = jnp.zeros((), jnp.int32), 0, mask
@@ -322,9 +332,7 @@ class Transformer(nn.Module):
         table = constrain(self.embed.embedding.astype(self.config.dtype), ("vocab", None))
         x = constrain(jnp.take(table, tokens, axis=0), ("batch", "length", "embed"))
         x, kv = self.layers(x, positions, allowed, slot, kv)
-        x = self.ln_f(x).astype(self.config.dtype)
-        logits = constrain(self.lm_head(x).astype(jnp.float32), ("batch", "length", "vocab"))
-        return logits, kv, key_valid
+        return self.ln_f(x).astype(self.config.dtype), kv, key_valid
 
 
 # Both jitted (config is static and hashable): running the layer scan op by op costs seconds
