@@ -46,6 +46,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def ensure_auth_token(env: dict) -> None:
+    """Generate this machine's Ray token (``~/.ray/auth_token``) if it has none, as Ray tells a
+    developer to: a ``ray start`` with ``RAY_AUTH_MODE=token`` refuses to run without one. The
+    token is printed, so the output is discarded."""
+    subprocess.run(
+        [sys.executable, "-m", "ray.scripts.scripts", "get-auth-token", "--generate"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        check=True,
+    )
+
+
 def cluster_config(worker_types: dict, idle_timeout_minutes: float, gcs_address: str) -> dict:
     """What ``AutoscalingCluster`` would build from Ray's fake_multi_node example.yaml, with
     the provider pointed at this cluster's GCS instead of the default port 6379."""
@@ -108,6 +120,7 @@ class FakeAutoscalingCluster:
         return get_ray_address_file(None)
 
     def start(self, timeout: float = 60.0) -> None:
+        ensure_auth_token(self.env)
         config = cluster_config(self.worker_types, self.idle_timeout_minutes, self.address)
         config_path = os.path.join(self._dir, "cluster.json")
         with open(config_path, "w") as f:

@@ -8,9 +8,12 @@ groups we started and the processes naming our GCS address.
 
 ``configs/demo.yaml`` (all six stages, on a smaller corpus, four training steps and a small
 evaluation; dedup with ``shared_filesystem``: both nodes see this machine's disk) is submitted
-once undisturbed: it must SUCCEED with its stage actors on both nodes. Then ``submit --stage
-tokenize --force`` redoes tokenize alone while the worker node is killed (its whole process
-group, raylet included: SIGKILL) as soon as tokenize has committed its first unit. While it
+once undisturbed, logging to a real ``mlflow server`` on 127.0.0.1: it must SUCCEED with its
+stage actors on both nodes, and every stage's child run (config, output digest, metrics,
+upstream datasets) and the registered export are found over HTTP with MLflow's client.
+Then ``submit --stage tokenize --force`` redoes tokenize alone while the worker node is
+killed (its whole process group, raylet included: SIGKILL) as soon as tokenize has committed
+its first unit. While it
 is redone ``meshline status`` shows train, convert and evaluate STALE; the job must still
 SUCCEED on the surviving head, upstream stages reused and downstream ones untouched, with
 tokenize's output digest equal to the undisturbed run's (so downstream is current again).
@@ -41,10 +44,21 @@ from pathlib import Path
 
 import pytest
 import yaml
+from mlflow import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from pipeline import executor, lineage
+from pipeline.config import load_config
 from pipeline.ledger import Ledger
 from pipeline.status import RUNNING, Status, read_status
-from tests.autoscaling import end_processes, free_port, gcs_alive_nodes, processes_naming
+from tests.autoscaling import (
+    end_processes,
+    ensure_auth_token,
+    free_port,
+    gcs_alive_nodes,
+    processes_naming,
+)
+from tests.mlflow_server import running_mlflow_server
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,6 +103,7 @@ class LoopbackCluster:
     def start(self, timeout: float = 120) -> None:
         from ray._common.utils import get_ray_address_file
 
+        ensure_auth_token(self.env)
         self._address_file = get_ray_address_file(None)
         with contextlib.suppress(OSError), open(self._address_file) as f:
             self._previous_address = f.read()
@@ -154,6 +169,12 @@ class LoopbackCluster:
 
 
 @pytest.fixture(scope="module")
+def tracking(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with running_mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
 def cluster() -> Iterator[LoopbackCluster]:
     cluster = LoopbackCluster()
     try:
@@ -168,10 +189,12 @@ STAGES = ("download", "dedup", "tokenize", "train", "convert", "evaluate")
 DOWNSTREAM = ("train", "convert", "evaluate")
 
 
-def write_demo_config(path: Path, root: Path) -> None:
-    """configs/demo.yaml, every stage of it, on a smaller corpus, model run and evaluation."""
+def write_demo_config(path: Path, root: Path, tracking_uri: str) -> None:
+    """configs/demo.yaml, every stage of it, on a smaller corpus, model run and evaluation,
+    logging to the MLflow server at ``tracking_uri``."""
     config = yaml.safe_load(DEMO.read_text())
     config["root"] = str(root)
+    config["tracking_uri"] = tracking_uri
     stages = config["stages"]
     stages["download"]["demo_corpus"] = {"train_shards": 2, "max_text_mb": 2, "math_documents": 200}
     # Both nodes see this machine's disk, so dedup may work on either.
@@ -194,6 +217,37 @@ def write_demo_config(path: Path, root: Path) -> None:
         samples={"prompts": ["def "], "max_new_tokens": 4},
     )
     path.write_text(yaml.safe_dump(config))
+
+
+def assert_lineage_over_http(client: MlflowClient, first: dict[str, Status]) -> None:
+    """What each stage actor, on either node, logged to the server: the parent run, a child run
+    per stage with its config, output digest, metrics and upstream datasets, and the export
+    registered as a model version linked to the training run."""
+    experiment = client.get_experiment_by_name(yaml.safe_load(DEMO.read_text())["name"])
+    runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if MLFLOW_PARENT_RUN_ID not in r.data.tags]
+    assert parent.info.status == "FINISHED"
+    children = {
+        r.data.tags[lineage.TAG_STAGE]: r
+        for r in runs
+        if r.data.tags.get(MLFLOW_PARENT_RUN_ID) == parent.info.run_id
+    }
+    assert set(children) == set(STAGES)
+    for stage, status in first.items():
+        run = children[stage]
+        assert (run.info.run_id, run.info.status) == (status.mlflow_run_id, "FINISHED")
+        assert run.data.params, stage
+        assert run.data.tags[lineage.TAG_DIGEST] == status.digest
+        logged = {key: run.data.metrics.get(key) for key in status.metrics}
+        assert status.metrics and logged == pytest.approx(status.metrics), stage
+        datasets = client.get_run(run.info.run_id).inputs.dataset_inputs
+        upstream = {d.dataset.name.split("-")[0]: d.dataset.digest for d in datasets}
+        assert {s: upstream[s] for s in status.inputs} == {
+            s: first[s].digest[:32] for s in status.inputs
+        }, stage
+    (version,) = client.search_model_versions(f"name='{experiment.name}'")
+    assert version.run_id == children["train"].info.run_id
+    assert version.tags["meshline.tokenize_digest"] == first["tokenize"].digest
 
 
 def submit(cluster: LoopbackCluster, config: Path, log: Path, *extra: str) -> subprocess.Popen:
@@ -242,10 +296,10 @@ def committed(root: Path, stage: str) -> int:
 
 @pytest.mark.timeout(1200)
 def test_demo_submitted_spreads_over_nodes_and_a_forced_stage_survives_a_node_kill(
-    cluster, tmp_path
+    cluster, tracking, tmp_path
 ):
     root, config = tmp_path / "root", tmp_path / "pipeline.yaml"
-    write_demo_config(config, root)
+    write_demo_config(config, root, tracking)
     job = submit(cluster, config, tmp_path / "first.log")
     assert job.wait(timeout=900) == 0, (tmp_path / "first.log").read_text()[-4000:]
     assert "SUCCEEDED" in (tmp_path / "first.log").read_text()
@@ -253,8 +307,11 @@ def test_demo_submitted_spreads_over_nodes_and_a_forced_stage_survives_a_node_ki
     first = statuses(root)
     nodes = {node["node_id"] for node in cluster.alive_nodes() or []}
     assert {status.node for status in first.values()} == nodes
+    assert_lineage_over_http(MlflowClient(tracking_uri=tracking), first)
 
     log = tmp_path / "rerun.log"
+    loaded = load_config(str(config))
+    executor.report(loaded)  # imports the stage modules now rather than in the window below
     job = submit(cluster, config, log, "--stage", "tokenize", "--force")
     try:
         deadline = time.monotonic() + 300
@@ -264,7 +321,9 @@ def test_demo_submitted_spreads_over_nodes_and_a_forced_stage_survives_a_node_ki
             assert time.monotonic() < deadline, log.read_text()[-4000:]
             time.sleep(0.1)
         units_at_kill = committed(root, "tokenize")
-        during = stage_states(config)
+        # Read in this process, not through ``meshline status``: a new process takes seconds
+        # to start, time enough for tokenize to finish on a quiet machine.
+        during = {report.stage: report.state for report in executor.report(loaded)}
         cluster.kill_worker()
         assert job.wait(timeout=420) == 0, log.read_text()[-4000:]
     finally:

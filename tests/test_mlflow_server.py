@@ -24,11 +24,8 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,9 +36,9 @@ from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from pipeline import lineage
-from tests.autoscaling import free_port
 from tests.dedup_corpus import pile_line
 from tests.httpserver import FileServer
+from tests.mlflow_server import running_mlflow_server
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -56,54 +53,8 @@ def server_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def mlflow_server(server_dir: Path) -> Iterator[str]:
-    """``mlflow server`` on a free loopback port; ended (its process group) after the tests."""
-    port = free_port()
-    store = server_dir
-    log = store / "server.log"
-    command = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-        "--backend-store-uri",
-        f"sqlite:///{store / 'mlflow.db'}",
-        "--default-artifact-root",
-        str(store / "artifacts"),
-    ]
-    with open(log, "wb") as out:
-        server = subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=store
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while not _healthy(url):
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server did not come up: {log.read_text()[-3000:]}")
-            time.sleep(0.3)
+    with running_mlflow_server(server_dir) as url:
         yield url
-    finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait()
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="module")
