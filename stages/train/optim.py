@@ -66,6 +66,15 @@ def optimizer(config: OptimizerConfig, grad_accum: int) -> optax.GradientTransfo
     )
 
 
+def logsumexp(logits: jax.Array) -> jax.Array:
+    """``logsumexp`` over the last axis, the exponentials summed by a matmul with ones: XLA's
+    CPU reduction fusion evaluates exp at half the speed of an elementwise op (0.29 vs 0.16 s
+    for 1024 x 50400 on 2 cores). Float32 sums differ from ``jax.nn.logsumexp``'s by ~1e-6."""
+    top = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
+    total = jnp.exp(logits - top) @ jnp.ones(logits.shape[-1], logits.dtype)
+    return top[..., 0] + jnp.log(total)
+
+
 def lm_loss(
     config: ModelConfig, params: dict, rows: jax.Array, z_loss: float = 0.0
 ) -> tuple[jax.Array, jax.Array]:
@@ -74,7 +83,7 @@ def lm_loss(
     Returns (objective, cross-entropy)."""
     rows = rows.astype(jnp.int32)
     logits = Transformer(config).apply({"params": params}, rows[:, :-1]).astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
+    lse = logsumexp(logits)
     target = jnp.take_along_axis(logits, rows[:, 1:, None], axis=-1)[..., 0]
     ce = (lse - target).mean()
     objective = ce + z_loss * jnp.square(lse).mean() if z_loss else ce
