@@ -14,12 +14,15 @@ import os
 import shlex
 import shutil
 import tempfile
+import time
 from urllib.parse import urlsplit
 
 from pipeline import storage
 from pipeline.config import ConfigError, PipelineConfig
 
 CONFIG_NAME = "pipeline.yaml"
+AGENT_WAIT_SECONDS = 120.0
+NO_AGENT = "No available agent to submit job"
 
 
 def job_entrypoint(config: PipelineConfig, args: argparse.Namespace) -> str:
@@ -79,7 +82,8 @@ def submit(config: PipelineConfig, args: argparse.Namespace) -> int:
         raise ConfigError(f"cannot reach a Ray dashboard at {args.address}: {error}") from None
     with tempfile.TemporaryDirectory(prefix="meshline-job-") as workdir:
         shutil.copy(args.config, os.path.join(workdir, CONFIG_NAME))
-        job_id = client.submit_job(
+        job_id = _submit_when_agent_ready(
+            client,
             entrypoint=job_entrypoint(config, args),
             runtime_env={"working_dir": workdir, "py_modules": package_dirs(config)},
             metadata={"meshline.pipeline": config.name},
@@ -91,6 +95,22 @@ def submit(config: PipelineConfig, args: argparse.Namespace) -> int:
     status = client.get_job_status(job_id)
     print(f"job {job_id}: {status.value}", flush=True)
     return 0 if status == JobStatus.SUCCEEDED else 1
+
+
+def _submit_when_agent_ready(client, **job: object) -> str:
+    """``client.submit_job(**job)``, retried while the head answers that no job agent is
+    available yet (for a while after ``ray start``, longer on a loaded head); any other
+    error, or the agent still missing after ``AGENT_WAIT_SECONDS``, is raised."""
+    deadline, delay = time.monotonic() + AGENT_WAIT_SECONDS, 0.5
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as error:
+            if NO_AGENT not in str(error) or time.monotonic() > deadline:
+                raise
+        print(f"the cluster's job agent is not up yet; retrying in {delay:.1f} s", flush=True)
+        time.sleep(delay)
+        delay = min(2 * delay, 8.0)
 
 
 async def _stream_logs(client, job_id: str) -> None:
