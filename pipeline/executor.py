@@ -19,6 +19,7 @@ import os
 import time
 import traceback
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import ray
@@ -31,6 +32,8 @@ from pipeline.stage import REGISTRY, StageContext, Upstream, fingerprint, resolv
 from pipeline.status import FAILED, RUNNING, SUCCESS, Lease, is_stale, read_status
 
 log = logging.getLogger("meshline")
+
+NODE_LOSS_RETRIES = 3
 
 DONE, STALE, PENDING = "DONE", "STALE", "PENDING"
 
@@ -231,7 +234,7 @@ def _produce(
                 register_model=run.register_model,
             )
             log.info("%s: producing %s", stage.name, stage.output)
-            spec.run(context)
+            _run_through_node_losses(spec.run, context)
             digest = ledger.digest()
             run.tag_digest(digest)
     except BaseException:
@@ -240,6 +243,27 @@ def _produce(
     lease.release(SUCCESS, digest=digest, metrics=context.metrics)
     upstream = Upstream(stage.name, stage.output, stage.fingerprint, digest)
     return Outcome(upstream, run.run_id, False, time.time() - started, context.metrics)
+
+
+def _run_through_node_losses(run: Callable[[StageContext], None], context: StageContext) -> None:
+    """``run(context)``, run again when it fails because the cluster lost a node under it (a
+    Ray Data step that started before the GCS saw the node go: its coordinator or actors are
+    unschedulable). The stage resumes from its ledger, as after any kill; a stranded Ray Data
+    coordinator is replaced first. At most ``NODE_LOSS_RETRIES`` times, then the error stands."""
+    for attempt in range(1, NODE_LOSS_RETRIES + 2):
+        try:
+            return run(context)
+        except (ray.exceptions.ActorUnschedulableError, ray.exceptions.NodeDiedError) as error:
+            if attempt > NODE_LOSS_RETRIES:
+                raise
+            log.warning(
+                "%s: a node was lost under it (%s); resuming, retry %d of %d",
+                context.name,
+                type(error).__name__,
+                attempt,
+                NODE_LOSS_RETRIES,
+            )
+            release_stranded_data_coordinator()
 
 
 def _write_resolved_config(stage: PlannedStage, config: dict, inputs: list[Upstream]) -> None:

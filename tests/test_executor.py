@@ -129,6 +129,17 @@ def test_failure_keeps_committed_units_and_resumes(ray_cluster, tmp_path):
     assert read_total(failing) == sum(range(15))
 
 
+def test_a_node_lost_under_a_stage_is_resumed_in_the_same_run(ray_cluster, tmp_path):
+    config = toy_config(tmp_path, numbers={"units": 4, "lose_node_at_unit": 2})
+    results = run(config)
+    output = executor.plan(config)["numbers"].output
+    assert os.path.exists(os.path.join(output, "node-lost-once"))
+    # Units 0 and 1 were committed before the loss and kept; 2 and 3 were written after it.
+    assert results["numbers"].metrics["units_written"] == 2
+    assert read_total(config) == sum(range(20))
+    assert states(config) == {"numbers": "DONE", "total": "DONE"}
+
+
 def test_killed_actor_is_restarted_and_resumes(ray_cluster, tmp_path):
     config = toy_config(tmp_path, numbers={"units": 4, "die_at_unit": 2})
     results = run(config)

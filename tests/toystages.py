@@ -12,6 +12,7 @@ import signal
 import time
 from pathlib import Path
 
+import ray.exceptions
 from pydantic import Field
 
 from pipeline import storage
@@ -31,8 +32,11 @@ class NumbersConfig(StageConfig):
     """Raise while producing this unit."""
     die_at_unit: int | None = None
     """SIGKILL the stage's own process before this unit, once (a marker file remembers)."""
+    lose_node_at_unit: int | None = None
+    """Fail before this unit, once, with the error a Ray Data step gives when a node it had
+    placed work on is gone (ActorUnschedulableError)."""
 
-    volatile_fields = frozenset({"offset", "fail_unit", "die_at_unit"})
+    volatile_fields = frozenset({"offset", "fail_unit", "die_at_unit", "lose_node_at_unit"})
 
 
 class TotalConfig(StageConfig):
@@ -58,6 +62,10 @@ def run_numbers(ctx: StageContext) -> None:
         if config.die_at_unit == i and not storage.exists(marker):
             storage.write_atomic(marker, b"")
             os.kill(os.getpid(), signal.SIGKILL)
+        lost = storage.join(ctx.output, "node-lost-once")
+        if config.lose_node_at_unit == i and not storage.exists(lost):
+            storage.write_atomic(lost, b"")
+            raise ray.exceptions.ActorUnschedulableError(f"the node of {name}'s worker is gone")
         with ctx.ledger.unit(name) as unit, unit.open(f"{name}.json") as f:
             values = [config.offset + i * config.per_unit + k for k in range(config.per_unit)]
             f.write(json.dumps(values).encode())
