@@ -274,8 +274,10 @@ POOLS = (("autoscaling", (1, 2)), ("fixed", (1, 1)))
 
 # Dedup's generated download: one document per unit, each heavy to sign (classic MinHash with
 # 1024 permutations over ~60k word shingles), so one actor takes long enough over the units
-# for the second to start and take some, without much data to read.
-SIGNING_UNITS = 16
+# for the second to start and take some, without much data to read. On a quiet machine one
+# actor signs a unit in ~1 s, Ray Data asked for the second actor ~12 s after the first was
+# busy, and 16 units were done before it started: 32 leave it ~15 s to start.
+SIGNING_UNITS = 32
 SIGNING_WORDS = 60_000
 SIGNING_CONFIG = {
     "unit_docs": 1,
