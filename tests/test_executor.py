@@ -129,24 +129,26 @@ def test_failure_keeps_committed_units_and_resumes(ray_cluster, tmp_path):
     assert read_total(failing) == sum(range(15))
 
 
-def test_a_node_lost_under_a_stage_is_resumed_in_the_same_run(ray_cluster, tmp_path):
-    config = toy_config(tmp_path, numbers={"units": 4, "lose_node_at_unit": 2})
+def run_interrupted_at_unit_2(tmp_path, knob: str, marker: str):
+    """Four ``numbers`` units interrupted once before unit 2 by ``knob`` (which leaves
+    ``marker``): units 0 and 1 were committed before and kept, 2 and 3 written after, in the
+    same run. Returns the config."""
+    config = toy_config(tmp_path, numbers={"units": 4, knob: 2})
     results = run(config)
     output = executor.plan(config)["numbers"].output
-    assert os.path.exists(os.path.join(output, "node-lost-once"))
-    # Units 0 and 1 were committed before the loss and kept; 2 and 3 were written after it.
+    assert os.path.exists(os.path.join(output, marker))
     assert results["numbers"].metrics["units_written"] == 2
     assert read_total(config) == sum(range(20))
+    return config
+
+
+def test_a_node_lost_under_a_stage_is_resumed_in_the_same_run(ray_cluster, tmp_path):
+    config = run_interrupted_at_unit_2(tmp_path, "lose_node_at_unit", "node-lost-once")
     assert states(config) == {"numbers": "DONE", "total": "DONE"}
 
 
 def test_killed_actor_is_restarted_and_resumes(ray_cluster, tmp_path):
-    config = toy_config(tmp_path, numbers={"units": 4, "die_at_unit": 2})
-    results = run(config)
-    output = executor.plan(config)["numbers"].output
-    assert os.path.exists(os.path.join(output, "died-once"))
-    assert results["numbers"].metrics["units_written"] == 2
-    assert read_total(config) == sum(range(20))
+    config = run_interrupted_at_unit_2(tmp_path, "die_at_unit", "died-once")
     client = mlflow.MlflowClient(config.resolved_tracking_uri())
     runs = client.search_runs(
         [client.get_experiment_by_name("toy").experiment_id],
