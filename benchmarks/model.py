@@ -13,6 +13,10 @@ logits, and then times, on the same random token batch:
   ``loss.backward()`` (gradients of every parameter, both sides);
 - a large ``jnp.matmul`` (``--matmul-n``, float32) as the machine's achievable FLOP/s.
 
+The process runs with ``stages/train/malloc.py``'s settings, as the train stage's CPU hosts
+do (``--glibc-defaults`` leaves glibc's own); they apply to both frameworks, which share
+the process.
+
 Every timed call blocks until its results are ready. After ``--warmup`` untimed calls of each,
 ``--repeats`` rounds run the measurements one after the other (3 matmuls, our forward,
 torch's, our forward+backward, torch's), so that a colleague's load on a shared machine hits
@@ -86,6 +90,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--remat", choices=["none", "full", "dots", "dots_no_batch"], default="none"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--glibc-defaults",
+        action="store_true",
+        help="keep glibc's malloc defaults instead of the train hosts' settings",
+    )
     return parser.parse_args(argv)
 
 
@@ -123,7 +132,12 @@ def model_flops(n_matmul_params: int, n_layers: int, d_model: int, batch: int, s
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    # Imported here so that --help is instant.
+    from stages.train.malloc import keep_freed_memory
+
+    malloc = "glibc defaults" if args.glibc_defaults else "train host settings"
+    if not args.glibc_defaults and not keep_freed_memory():
+        malloc = "not glibc: defaults"
+    # Imported here so that --help is instant, and after the malloc settings (see there).
     import jax
     import jax.numpy as jnp
     import torch
@@ -161,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(
         f"jax {jax.__version__} ({jax.devices()[0].platform}, {n_cores} cores), "
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads); "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads); malloc {malloc}; "
         f"load average at start {load_average()}"
     )
 

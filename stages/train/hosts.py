@@ -2,10 +2,11 @@
 
 Each ``TrainHost`` actor is one JAX process. Placement is the only difference between
 platforms: on CPU, ``hosts`` local processes whose virtual devices come from ``XLA_FLAGS``
-(set in the actor's environment, before JAX is imported) joined over 127.0.0.1 with gloo
-collectives; on GPU one actor per node holding its GPUs; on TPU host 0 takes the slice's
-``TPU-{type}-head`` resource and the others the slice's own resource (its pod name), each
-with its chips, and ``jax.distributed.initialize()`` reads the topology from the TPU VM.
+(set in the actor's environment, before JAX is imported, with the malloc settings of
+``stages/train/malloc.py``) joined over 127.0.0.1 with gloo collectives; on GPU one actor
+per node holding its GPUs; on TPU host 0 takes the slice's ``TPU-{type}-head`` resource and
+the others the slice's own resource (its pod name), each with its chips,
+and ``jax.distributed.initialize()`` reads the topology from the TPU VM.
 
 If a host dies, every host is stopped (JAX collectives cannot lose a member) and a fresh set
 resumes from the last checkpoint, up to ``max_restarts`` times; then the stage fails. As
@@ -31,6 +32,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 from ray.util.queue import Empty, Queue
 
+from stages.train import malloc
 from stages.train.config import PlacementConfig, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -98,7 +100,8 @@ def actor_options(placement: PlacementConfig, index: int, slice_name: str | None
     options: dict[str, Any] = {"num_cpus": placement.cpus_per_host}
     if placement.platform == "cpu":
         flags = f"--xla_force_host_platform_device_count={placement.devices_per_host}"
-        options["runtime_env"] = {"env_vars": {"XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}}
+        env = {"XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", **malloc.ENV}
+        options["runtime_env"] = {"env_vars": env}
     elif placement.platform == "gpu":
         options["num_gpus"] = placement.devices_per_host
     else:
