@@ -5,8 +5,8 @@ model) and frees it when the step ends. Under glibc's defaults each large block 
 and unmapped again, so every step faults in fresh zeroed pages (3.5 million minor page
 faults in ``benchmarks/model.py``), and each of XLA's threads gets its own arena, whose
 free blocks the others cannot reuse. One arena, no mmap and no trimming make the heap grow
-to the step's peak once and then reuse it: the 100m config's forward+backward went from
-7.95 to 6.42 s on 2 cores (the issue 5 note has the measurement). MaxText gets the same
+to the step's peak once and then reuse it: ``benchmarks/model.py``'s forward+backward went
+from 10.2 to 7.2 s on 2 cores (``--glibc-defaults`` gives the former). MaxText gets the same
 effect by preloading tcmalloc on its hosts; these settings need nothing installed.
 
 The cost is that freed memory stays with the process (its resident size stays at its
