@@ -36,9 +36,11 @@ print(mapped, libc.mallinfo2().arena)
 
 
 def mapped_and_heap_bytes(mode: str, env: dict[str, str]) -> tuple[int, int]:
+    # Settings in the caller's environment would blur glibc's defaults.
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     run = subprocess.run(
         [sys.executable, "-c", PROGRAM, mode],
-        env={**os.environ, **env},
+        env={**inherited, **env},
         capture_output=True,
         text=True,
         check=True,

@@ -5,8 +5,8 @@ platforms: on CPU, ``hosts`` local processes whose virtual devices come from ``X
 (set in the actor's environment, before JAX is imported, with the malloc settings of
 ``stages/train/malloc.py``) joined over 127.0.0.1 with gloo collectives; on GPU one actor
 per node holding its GPUs; on TPU host 0 takes the slice's ``TPU-{type}-head`` resource and
-the others the slice's own resource (its pod name), each with its chips,
-and ``jax.distributed.initialize()`` reads the topology from the TPU VM.
+the others the slice's own resource (its pod name), each with its chips, and
+``jax.distributed.initialize()`` reads the topology from the TPU VM.
 
 If a host dies, every host is stopped (JAX collectives cannot lose a member) and a fresh set
 resumes from the last checkpoint, up to ``max_restarts`` times; then the stage fails. As
