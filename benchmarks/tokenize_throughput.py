@@ -165,7 +165,6 @@ def stage_run(dedup: str, output: str, workers: int) -> dict[str, float]:
         output=output,
         inputs={"dedup": Upstream("dedup", dedup, "bench", "bench")},
         ledger=Ledger(output),
-        pipeline_root=os.path.dirname(output),
     )
     tokenizer = load_gpt2(ranks_path())
     with ctx.ledger.unit(TOKENIZER_UNIT) as unit:

@@ -81,12 +81,12 @@ def plan(config: PipelineConfig) -> dict[str, PlannedStage]:
         if name in visiting:
             raise ValueError(f"stage graph has a cycle through {name!r}")
         visiting.add(name)
-        spec = REGISTRY[name]
-        for upstream in spec.inputs:
+        inputs = REGISTRY[name].upstream(config.stages)
+        for upstream in inputs:
             visit(upstream)
-        fp = fingerprint(config.stages[name], [planned[u].fingerprint for u in spec.inputs])
+        fp = fingerprint(config.stages[name], [planned[u].fingerprint for u in inputs])
         output = storage.join(config.stage_root(), f"{name}-{fp}")
-        planned[name] = PlannedStage(name, spec.inputs, fp, output)
+        planned[name] = PlannedStage(name, inputs, fp, output)
 
     for name in config.stages:
         visit(name)
@@ -189,7 +189,7 @@ def execute_stage(
                 stage.name, stage.fingerprint, stage.output, status.mlflow_run_id
             )
             log.info("%s: reused %s", stage.name, stage.output)
-        upstream = Upstream(stage.name, stage.output, stage.fingerprint, status.digest or "")
+        upstream = _upstream(config, stage, status.digest or "", status.mlflow_run_id or "")
         return Outcome(upstream, run_id, not ours, time.time() - started, status.metrics)
     if status and not ours and (force or status.state == SUCCESS):
         log.info("%s: discarding %s (%s)", stage.name, stage.output, "forced" if force else "stale")
@@ -227,8 +227,7 @@ def _produce(
                 output=stage.output,
                 inputs={u.stage: u for u in inputs},
                 ledger=ledger,
-                pipeline_root=config.stage_root(),
-                log_metrics=run.log_metrics,
+                metric_sink=run.log_metrics,
                 log_sources=run.log_sources,
                 log_artifact=run.log_artifact,
                 register_model=run.register_model,
@@ -241,8 +240,14 @@ def _produce(
         lease.release(FAILED, error=traceback.format_exc(limit=5))
         raise
     lease.release(SUCCESS, digest=digest, metrics=context.metrics)
-    upstream = Upstream(stage.name, stage.output, stage.fingerprint, digest)
+    upstream = _upstream(config, stage, digest, run.run_id)
     return Outcome(upstream, run.run_id, False, time.time() - started, context.metrics)
+
+
+def _upstream(config: PipelineConfig, stage: PlannedStage, digest: str, run_id: str) -> Upstream:
+    """A finished stage as its downstream stages see it."""
+    resolved = config.stages[stage.name].model_dump(mode="json")
+    return Upstream(stage.name, stage.output, stage.fingerprint, digest, run_id, resolved)
 
 
 def _run_through_node_losses(run: Callable[[StageContext], None], context: StageContext) -> None:
@@ -272,7 +277,7 @@ def _write_resolved_config(stage: PlannedStage, config: dict, inputs: list[Upstr
         "fingerprint": stage.fingerprint,
         # Kept for people reading the output; credentials stay out of it as out of MLflow.
         "config": lineage.redact(config),
-        "inputs": [u.__dict__ for u in inputs],
+        "inputs": [u.record() for u in inputs],
     }
     storage.write_atomic(resolved_config_path(stage.output), json.dumps(payload, indent=1).encode())
 

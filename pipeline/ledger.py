@@ -124,6 +124,19 @@ class Ledger:
         }
         storage.write_atomic(self._record_uri(name), json.dumps(record, indent=1).encode())
 
+    def commit_file(self, name: str, relpath: str, data: bytes) -> None:
+        """Commit unit ``name`` made of one file, ``relpath``, holding ``data``."""
+        with self.unit(name) as unit, unit.open(relpath) as f:
+            f.write(data)
+
+    def commit_json(self, name: str, relpath: str, payload: Any, sort_keys: bool = False) -> None:
+        """Commit unit ``name`` made of one JSON file, ``relpath`` (indented, one space)."""
+        self.commit_file(name, relpath, json.dumps(payload, indent=1, sort_keys=sort_keys).encode())
+
+    def read_json(self, relpath: str) -> Any:
+        """A committed JSON file of this output, by its path relative to the output."""
+        return json.loads(storage.read_text(storage.join(self.output, relpath)))
+
     def digest(self) -> str:
         """A content digest of every committed file (names, sizes, sha256), order-free."""
         files = sorted(

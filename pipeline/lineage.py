@@ -43,6 +43,7 @@ from mlflow.utils.mlflow_tags import (
     MLFLOW_PARENT_RUN_ID,
 )
 
+from pipeline.secrets import redact_url as _redact_url
 from pipeline.stage import Source, Upstream
 
 TAG_STAGE = "meshline.stage"
@@ -57,13 +58,9 @@ TAG_SOURCE = "meshline.source"
 MAX_PARAM_CHARS = 6000
 MLFLOW_DIGEST_CHARS = 32
 """MLflow caps dataset digests at 36 characters; the full sha256 goes in the profile."""
+MASK = "***"
+"""What stands in for a secret in MLflow params, tags and the recorded config."""
 _SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|api_?key)", re.IGNORECASE)
-
-
-def redact_url(url: str) -> str:
-    """``url`` without userinfo or query string, the usual places where credentials hide."""
-    url = re.sub(r"(?<=://)[^/@\s]+@", "***@", url)
-    return re.sub(r"\?\S*", "?***", url)
 
 
 def redact(value: Any, key: str = "") -> Any:
@@ -73,8 +70,13 @@ def redact(value: Any, key: str = "") -> Any:
     if isinstance(value, list):
         return [redact(v, key) for v in value]
     if _SECRET_KEY.search(key) and value:
-        return "***"
+        return MASK
     return redact_url(value) if isinstance(value, str) else value
+
+
+def redact_url(text: str) -> str:
+    """``text`` with URL credentials masked the way lineage masks secrets."""
+    return _redact_url(text, MASK)
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -85,7 +87,7 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
         if isinstance(value, dict) and value:
             flat.update(flatten(value, path + "."))
         elif _SECRET_KEY.search(key) and value:
-            flat[path] = "***"
+            flat[path] = MASK
         else:
             text = value if isinstance(value, str) else json.dumps(value)
             flat[path] = redact_url(text)[:MAX_PARAM_CHARS]

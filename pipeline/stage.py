@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -28,6 +29,19 @@ def read_resolved_config(output: str) -> dict[str, Any] | None:
     """The record at ``resolved_config_path(output)``, or None if there is none."""
     path = resolved_config_path(output)
     return json.loads(storage.read_text(path)) if storage.exists(path) else None
+
+
+def recorded_upstream_uri(output: str, stage: str) -> str | None:
+    """The output of upstream ``stage`` that ``output`` was produced from, as the executor
+    recorded it (for tools handed an output path outside a pipeline run); None if unknown."""
+    recorded = read_resolved_config(output) or {}
+    uris = [u["uri"] for u in recorded.get("inputs", []) if u.get("stage") == stage]
+    return uris[0] if uris else None
+
+
+def metric_name(text: str) -> str:
+    """``text`` (a metric key that may hold a component or task name) as MLflow accepts it."""
+    return re.sub(r"[^A-Za-z0-9_\-. /]", "_", text)
 
 
 class StageConfig(BaseModel):
@@ -52,6 +66,14 @@ class Upstream:
     fingerprint: str
     digest: str
     """Content digest of the upstream output (its ledger), recorded for STALE detection."""
+    run_id: str = ""
+    """The MLflow run that produced the output ("" where none is known)."""
+    config: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    """The upstream stage's resolved config, as ``model_dump(mode="json")`` gives it."""
+
+    def record(self) -> dict[str, str]:
+        """What a downstream output's ``config.json`` keeps of this upstream."""
+        return {k: getattr(self, k) for k in ("stage", "uri", "fingerprint", "digest", "run_id")}
 
 
 @dataclass(frozen=True)
@@ -72,10 +94,10 @@ class StageContext:
     output: str
     """The stage's output directory ``{root}/{stage}-{fingerprint}``."""
     inputs: dict[str, Upstream]
+    """Upstream stage name -> its finished output (an optional input only when configured)."""
     ledger: Ledger
-    pipeline_root: str
-    """The pipeline's root, for stages that keep a shared cache (the demo mirror)."""
-    log_metrics: Callable[[dict[str, float]], None] = lambda metrics: None
+    metric_sink: Callable[[dict[str, float]], None] = lambda metrics: None
+    """Where ``log_metrics`` sends metrics (the stage's MLflow run)."""
     log_sources: Callable[[list[Source]], None] = lambda sources: None
     """Record external inputs (beyond upstream stages) as MLflow input datasets."""
     log_artifact: Callable[[str, str], None] = lambda local_path, artifact_dir: None
@@ -88,10 +110,15 @@ class StageContext:
     Registry, linked to run ``run_id``; returns the version ("" where nothing is tracked)."""
     metrics: dict[str, float] = field(default_factory=dict)
 
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        """Log a set of measurements (one step of a curve) under MLflow-safe names."""
+        self.metric_sink({metric_name(k): v for k, v in metrics.items()})
+
     def record(self, **metrics: float) -> None:
         """Log final measurements of this stage (kept in status and MLflow)."""
-        self.metrics.update(metrics)
-        self.log_metrics(metrics)
+        clean = {metric_name(k): v for k, v in metrics.items()}
+        self.metrics.update(clean)
+        self.metric_sink(clean)
 
 
 @dataclass(frozen=True)
@@ -99,21 +126,33 @@ class StageSpec:
     name: str
     config_cls: type[StageConfig]
     inputs: tuple[str, ...]
+    """Stages whose outputs this stage reads; each must be configured."""
     run: Callable[[StageContext], None]
+    optional_inputs: tuple[str, ...] = ()
+    """Stages this stage reads when the pipeline configures them (download reads the demo
+    corpus stage's mirror)."""
     num_cpus: float = 0
     """CPUs the stage actor reserves; its Ray tasks and pools reserve their own."""
+
+    def upstream(self, configured: Collection[str]) -> tuple[str, ...]:
+        """The stages this one reads in a pipeline that configures ``configured``."""
+        return self.inputs + tuple(s for s in self.optional_inputs if s in configured)
 
 
 REGISTRY: dict[str, StageSpec] = {}
 
 
 def register(
-    name: str, config_cls: type[StageConfig], inputs: tuple[str, ...] = ()
+    name: str,
+    config_cls: type[StageConfig],
+    inputs: tuple[str, ...] = (),
+    optional_inputs: tuple[str, ...] = (),
 ) -> Callable[[Callable[[StageContext], None]], Callable[[StageContext], None]]:
-    """Register the decorated function as stage ``name`` reading the outputs of ``inputs``."""
+    """Register the decorated function as stage ``name`` reading the outputs of ``inputs``
+    (and of ``optional_inputs`` where configured)."""
 
     def wrap(fn: Callable[[StageContext], None]) -> Callable[[StageContext], None]:
-        REGISTRY[name] = StageSpec(name, config_cls, inputs, fn)
+        REGISTRY[name] = StageSpec(name, config_cls, inputs, fn, optional_inputs)
         return fn
 
     return wrap

@@ -346,7 +346,6 @@ def drive_tokenize(address: str, work: Path) -> None:
             output=output,
             inputs={"dedup": Upstream("dedup", dedup, "fp", "digest")},
             ledger=Ledger(output),
-            pipeline_root=str(work / name),
         )
         run(ctx)
         actors = _pool_actors(ENCODER_ACTORS, seen)
@@ -381,7 +380,6 @@ def _dedup_context(output: Path, download: str, pool: tuple[int, int]) -> StageC
         output=str(output),
         inputs={"download": Upstream("download", download, "fp", "digest")},
         ledger=Ledger(str(output)),
-        pipeline_root=str(output.parent),
     )
 
 

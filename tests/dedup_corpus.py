@@ -45,7 +45,6 @@ def run_dedup(download: str, out: Path | str, **config: Any) -> StageContext:
         output=str(out),
         inputs={"download": Upstream("download", download, "fp", "digest")},
         ledger=Ledger(str(out)),
-        pipeline_root=str(out).rsplit("/", 1)[0],
     )
     REGISTRY["dedup"].run(ctx)
     return ctx

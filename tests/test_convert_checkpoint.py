@@ -230,8 +230,7 @@ def test_stage_exports_and_registers_the_model_linked_to_the_training_run(
             output=str(out),
             inputs=upstream,
             ledger=Ledger(str(out)),
-            pipeline_root=str(tmp_path),
-            log_metrics=run_.log_metrics,
+            metric_sink=run_.log_metrics,
             register_model=run_.register_model,
         )
         run(ctx)

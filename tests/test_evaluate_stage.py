@@ -173,8 +173,7 @@ def context(out: Path, upstream: dict[str, str], config: dict, logged: Logged) -
         output=str(out),
         inputs=inputs,
         ledger=Ledger(str(out)),
-        pipeline_root=str(out.parent),
-        log_metrics=logged.metrics.update,
+        metric_sink=logged.metrics.update,
         log_artifact=logged.artifact,
     )
 

@@ -16,7 +16,6 @@ import base64
 import hashlib
 import inspect
 import json
-import os
 import re
 
 import pytest
@@ -153,7 +152,6 @@ def run_stage(output, dedup: str, source: str) -> str:
         output=str(output),
         inputs={"dedup": Upstream("dedup", dedup, "fp", "digest")},
         ledger=Ledger(str(output)),
-        pipeline_root=os.path.dirname(str(output)),
     )
     run(ctx)
     return ctx.ledger.digest()

@@ -59,7 +59,6 @@ def context(output, dedup_uri, **config) -> StageContext:
         output=str(output),
         inputs={"dedup": Upstream("dedup", dedup_uri, "fp", "digest")},
         ledger=Ledger(str(output)),
-        pipeline_root=os.path.dirname(str(output)),
     )
 
 

@@ -66,8 +66,7 @@ def train(config: TrainConfig, tokenized: str, out: Path, sink: Sink) -> dict:
         output=str(out),
         inputs={"tokenize": Upstream("tokenize", tokenized, "fp", "digest")},
         ledger=Ledger(str(out)),
-        pipeline_root=str(out.parent),
-        log_metrics=steps_only,
+        metric_sink=steps_only,
     )
     run(ctx)
     return json.loads((out / "summary.json").read_text())

@@ -61,8 +61,7 @@ def test_two_hosts_of_two_devices_train_like_one_of_four(ray_cluster: None, tmp_
         output=str(out),
         inputs={"tokenize": Upstream("tokenize", tokenized, "fp", "digest")},
         ledger=Ledger(str(out)),
-        pipeline_root=str(tmp_path),
-        log_metrics=logged.append,
+        metric_sink=logged.append,
     )
     run(ctx)
     steps = [r for r in logged if "step" in r]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import signal
 import time
 from pathlib import Path
@@ -17,7 +18,6 @@ from pydantic import Field
 
 from pipeline import storage
 from pipeline.stage import StageConfig, StageContext, register
-from pipeline.status import read_status
 
 
 class NumbersConfig(StageConfig):
@@ -82,11 +82,10 @@ def run_total(ctx: StageContext) -> None:
         f.write(str(total).encode())
     ctx.record(total=total)
     if ctx.config.registered_model:
-        producer = read_status(source)
         ctx.register_model(
             ctx.config.registered_model,
             Path(ctx.output).as_uri(),
-            producer.mlflow_run_id if producer else None,
+            ctx.inputs["numbers"].run_id or None,
             {"meshline.output_digest": ctx.ledger.digest()},
         )
 
@@ -101,8 +100,9 @@ class RendezvousConfig(StageConfig):
 def _rendezvous(ctx: StageContext) -> None:
     """Leave a marker and wait for the partner's: only concurrent stages both finish."""
     config: RendezvousConfig = ctx.config
-    mine = storage.join(ctx.pipeline_root, f"arrived-{ctx.name}")
-    partner = storage.join(ctx.pipeline_root, f"arrived-{config.partner}")
+    root = posixpath.dirname(ctx.output)
+    mine = storage.join(root, f"arrived-{ctx.name}")
+    partner = storage.join(root, f"arrived-{config.partner}")
     storage.write_atomic(mine, b"")
     deadline = time.monotonic() + config.wait_seconds
     while not storage.exists(partner):
