@@ -120,10 +120,14 @@ def validate(data: dict[str, Any], source: str = "<config>") -> PipelineConfig:
             stages[name] = spec.config_cls.model_validate(settings or {})
         except ValidationError as e:
             errors.append(_format_errors(source, ("stages", name), e))
-    for name in stages:
+    for name, stage in stages.items():
         for needed in REGISTRY[name].inputs:
             if needed not in stages:
                 errors.append(f"{source}: stages.{name}: needs stage {needed!r}, not configured")
+        try:
+            stage.check_inputs(REGISTRY[name].upstream(stages))
+        except ValueError as e:
+            errors.append(f"{source}: stages.{name}: {e}")
     if errors:
         raise ConfigError("\n".join(errors))
     return pipeline.model_copy(update={"stages": stages})

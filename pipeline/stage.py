@@ -53,6 +53,10 @@ class StageConfig(BaseModel):
     """Fields that change how a stage runs but not what it produces (worker counts,
     progress): left out of the fingerprint so tuning them reuses finished outputs."""
 
+    def check_inputs(self, inputs: tuple[str, ...]) -> None:
+        """Raise ValueError when this config cannot run on the upstream stages ``inputs``
+        (the stage's optional inputs decide what it needs); checked when a config loads."""
+
     def fingerprint_fields(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude=set(self.volatile_fields))
 

@@ -69,15 +69,16 @@ def run_tasks(
     unit: str = "unit",
     num_cpus: float = 1,
     placement: Placement = Placement(),
-    postfix: Callable[[Any], str] | None = None,
+    postfix: Callable[[list[Any]], str] | None = None,
 ) -> Iterator[TaskOutcome]:
     """Run ``fn(*call)`` for every call as a Ray task, at most ``concurrency`` in flight, and
     yield each outcome as it finishes (in completion order). A failed call is yielded with its
-    error and does not stop the others. ``postfix(result)`` may return text for the bar (a
-    running byte count)."""
+    error and does not stop the others. ``postfix(results)`` may turn the results so far into
+    text for the bar (a running byte count)."""
     task = ray.remote(fn).options(num_cpus=num_cpus, **placement.task_options())
     waiting = list(enumerate(calls))
     running: dict[ray.ObjectRef, int] = {}
+    finished: list[Any] = []
     # One bar per phase: a stage actor's stderr is a log file, where stacked bars turn into
     # cursor-movement noise.
     with tqdm(total=len(calls), desc=desc, unit=unit) as bar:
@@ -92,8 +93,9 @@ def run_tasks(
             except RayError as error:
                 outcome = TaskOutcome(index, error=error)
             else:
+                finished.append(outcome.result)
                 if postfix is not None:
-                    bar.set_postfix_str(postfix(outcome.result), refresh=False)
+                    bar.set_postfix_str(postfix(finished), refresh=False)
             bar.update(1)
             yield outcome
 

@@ -384,8 +384,8 @@ def _dedup_context(output: Path, download: str, pool: tuple[int, int]) -> StageC
 
 
 def drive_dedup_signing(address: str, work: Path) -> None:
+    from pipeline.tasks import Placement
     from stages.dedup.stage import (
-        Placement,
         input_files,
         parse_all,
         run_exact,
@@ -397,7 +397,7 @@ def drive_dedup_signing(address: str, work: Path) -> None:
     _connect(address)
     parsed = work / "parsed" / "dedup-fp"
     ctx = _dedup_context(parsed, download, (1, 1))
-    placement = Placement.for_output(ctx.output, ctx.config)
+    placement = Placement.for_output(ctx.output, ctx.config.shared_filesystem)
     units = parse_all(ctx, input_files(download), placement)
     run_exact(ctx, units, placement)
     train = train_units(units)

@@ -65,7 +65,7 @@ def test_demo_download_runs_skips_and_forces(tmp_path):
     assert "download   done" in first.stdout
     report = status(DEMO, root)["download"]
     assert report["state"] == "DONE" and report["digest"]
-    mirror = glob.glob(os.path.join(root, "demo-mirror-*"))[0]
+    mirror = glob.glob(os.path.join(root, "demo_corpus-*"))[0]
     expected = mirror_files(mirror)
     assert output_files(report["output"], expected) == expected
     manifest = read_json(os.path.join(report["output"], "manifest.json"))
@@ -87,7 +87,8 @@ def test_demo_download_runs_skips_and_forces(tmp_path):
     assert len(runs) == 3
     produced = client.get_run(report["mlflow_run_id"])
     assert produced.info.status == "FINISHED"
-    assert produced.data.params["demo_corpus.train_shards"] == "4"
+    corpus = client.get_run(status(DEMO, root)["demo_corpus"]["mlflow_run_id"])
+    assert corpus.data.params["train_shards"] == "4"
     assert produced.data.tags[lineage.TAG_OUTPUT] == report["output"]
     assert produced.data.tags[lineage.TAG_FINGERPRINT] == report["fingerprint"]
     assert produced.data.metrics["files"] == len(expected)
@@ -109,8 +110,8 @@ def test_dag_and_config_errors():
     bad = meshline("run", DEMO, "--set", "stages.download.concurency=2")
     assert bad.returncode == 2
     assert "demo.yaml: stages.download.concurency: Extra inputs are not permitted" in bad.stderr
-    wrong = meshline("status", DEMO, "--set", "stages.download.demo_corpus.train_shards=lots")
-    assert wrong.returncode == 2 and "stages.download.demo_corpus.train_shards" in wrong.stderr
+    wrong = meshline("status", DEMO, "--set", "stages.demo_corpus.train_shards=lots")
+    assert wrong.returncode == 2 and "stages.demo_corpus.train_shards" in wrong.stderr
 
 
 @pytest.fixture

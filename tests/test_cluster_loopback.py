@@ -196,7 +196,7 @@ def write_demo_config(path: Path, root: Path, tracking_uri: str) -> None:
     config["root"] = str(root)
     config["tracking_uri"] = tracking_uri
     stages = config["stages"]
-    stages["download"]["demo_corpus"] = {"train_shards": 2, "max_text_mb": 2, "math_documents": 200}
+    stages["demo_corpus"] = {"train_shards": 2, "max_text_mb": 2, "math_documents": 200}
     # Both nodes see this machine's disk, so dedup may work on either.
     stages["dedup"].update(unit_docs=150, partitions=2, shared_filesystem=True)
     stages["tokenize"]["tokenizer"].update(vocab_size=512, sample_mb=0.5)

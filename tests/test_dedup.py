@@ -226,20 +226,36 @@ def test_bad_input_fails_naming_file_and_place(ray_cluster, tmp_path):
         run_dedup(download, tmp_path / "out-cut")
 
 
-def test_demo_pipeline_removes_the_standard_librarys_duplicates(ray_cluster, tmp_path):
+def run_demo_dedup(root: Path) -> dict:
+    """The demo's corpus, download and dedup stages (on a small corpus) under ``root``;
+    returns each stage's outcome."""
     config = validate(
         {
             "name": "demo-dedup",
-            "root": str(tmp_path / "root"),
+            "root": str(root),
             "stages": {
-                "download": {"demo_corpus": {"max_text_mb": 1, "math_documents": 100}},
+                "demo_corpus": {"max_text_mb": 1, "math_documents": 100},
+                "download": {},
                 "dedup": {"unit_docs": 200, "partitions": 4},
             },
         }
     )
     results = executor.run_pipeline(config, ["dedup"], False, "test")
-    outcome = results["dedup"]
-    assert not isinstance(outcome, BaseException), outcome
+    for name, outcome in results.items():
+        assert not isinstance(outcome, BaseException), (name, outcome)
+    return results
+
+
+@pytest.fixture(scope="module")
+def demo_dedup(ray_cluster, tmp_path_factory) -> dict:
+    """One run of the demo's download and dedup, shared by the tests that read it."""
+    root = tmp_path_factory.mktemp("demo-dedup") / "root"
+    yield run_demo_dedup(root)
+    shutil.rmtree(root)
+
+
+def test_demo_pipeline_removes_the_standard_librarys_duplicates(demo_dedup):
+    outcome = demo_dedup["dedup"]
     out = Path(outcome.upstream.uri)
     report = json.loads((out / "report.json").read_text())
     github = report["components"]["Github"]
@@ -252,4 +268,15 @@ def test_demo_pipeline_removes_the_standard_librarys_duplicates(ray_cluster, tmp
     assert report["totals"]["near_duplicates"] >= 1
     assert report["near"]["cluster_samples"]
     assert outcome.metrics["docs_out"] == report["totals"]["docs_out"]
-    shutil.rmtree(tmp_path / "root")
+
+
+def test_digests_do_not_depend_on_the_pipeline_root(demo_dedup, tmp_path):
+    """The same corpus downloaded and deduplicated under another root (another directory
+    depth, so no path under it can line up by chance) gives the same stage digests."""
+    elsewhere = run_demo_dedup(tmp_path / "another" / "root")
+    for stage in ("demo_corpus", "download", "dedup"):
+        here, there = demo_dedup[stage].upstream, elsewhere[stage].upstream
+        assert here.uri != there.uri
+        assert here.digest == there.digest, stage
+    manifest = json.loads(Path(elsewhere["download"].upstream.uri, "manifest.json").read_text())
+    assert all(not f["source"].startswith(str(tmp_path)) for f in manifest["files"])

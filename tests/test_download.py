@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from pipeline import storage
 from pipeline.ledger import Ledger
-from pipeline.stage import REGISTRY, StageContext
+from pipeline.stage import REGISTRY, StageContext, Upstream
 from stages.demo_corpus import DemoCorpusConfig, build_demo_corpus
 from stages.download import (
     DownloadConfig,
@@ -67,19 +67,23 @@ def server(tmp_path: Path, mirror: dict[str, bytes]) -> Iterator[FileServer]:
         yield running
 
 
-def run_download(tmp_path: Path, output: str | None = None, **settings: Any) -> StageContext:
-    """Run the registered download stage as the executor would, without the executor."""
-    output = output or str(tmp_path / "out")
+def run_stage(name: str, config: Any, output: str, inputs: dict[str, Upstream]) -> StageContext:
+    """Run registered stage ``name`` as the executor would, without the executor."""
     ctx = StageContext(
-        name="download",
-        config=DownloadConfig(**settings),
-        output=output,
-        inputs={},
-        ledger=Ledger(output),
-        pipeline_root=str(tmp_path),
+        name=name, config=config, output=output, inputs=inputs, ledger=Ledger(output)
     )
-    REGISTRY["download"].run(ctx)
+    REGISTRY[name].run(ctx)
     return ctx
+
+
+def run_download(
+    tmp_path: Path,
+    output: str | None = None,
+    inputs: dict[str, Upstream] | None = None,
+    **settings: Any,
+) -> StageContext:
+    output = output or str(tmp_path / "out")
+    return run_stage("download", DownloadConfig(**settings), output, inputs or {})
 
 
 def assert_output_matches(output: Path, files: dict[str, bytes]) -> None:
@@ -318,7 +322,9 @@ def test_local_globs_and_file_urls(tmp_path: Path, mirror: dict[str, bytes]) -> 
 @pytest.mark.usefixtures("ray_cluster")
 def test_demo_corpus_is_built_then_downloaded_through_the_normal_path(tmp_path: Path) -> None:
     demo = DemoCorpusConfig(train_shards=2, max_text_mb=0.3, math_documents=20)
-    ctx = run_download(tmp_path, demo_corpus=demo, **FAST)
+    corpus = run_stage("demo_corpus", demo, str(tmp_path / "corpus"), {})
+    upstream = Upstream("demo_corpus", corpus.output, "fp", corpus.ledger.digest())
+    ctx = run_download(tmp_path, inputs={"demo_corpus": upstream}, **FAST)
     names = build_demo_corpus(str(tmp_path / "demo-mirror"), demo)
     files = {name: (tmp_path / "demo-mirror" / name).read_bytes() for name in names}
     assert_output_matches(tmp_path / "out", files)
@@ -326,10 +332,10 @@ def test_demo_corpus_is_built_then_downloaded_through_the_normal_path(tmp_path: 
 
 
 def test_config_needs_one_kind_of_source() -> None:
-    with pytest.raises(ValidationError, match="give sources"):
-        DownloadConfig()
-    with pytest.raises(ValidationError, match="demo_corpus excludes"):
-        DownloadConfig(sources=["a.jsonl.zst"], demo_corpus=DemoCorpusConfig())
+    with pytest.raises(ValueError, match="give sources"):
+        DownloadConfig().check_inputs(())
+    with pytest.raises(ValueError, match="demo_corpus stage excludes"):
+        DownloadConfig(sources=["a.jsonl.zst"]).check_inputs(("demo_corpus",))
     with pytest.raises(ValidationError, match="extra"):
         DownloadConfig(sources=["a"], mirror="x")
 

@@ -22,9 +22,15 @@ def test_demo_download_dedup_tokenize(ray_cluster, tmp_path):
         {
             "name": "demo-tokenize",
             "root": str(tmp_path / "root"),
-            "stage_modules": ["stages.download", "stages.dedup", "stages.tokenize"],
+            "stage_modules": [
+                "stages.demo_corpus",
+                "stages.download",
+                "stages.dedup",
+                "stages.tokenize",
+            ],
             "stages": {
-                "download": {"demo_corpus": {"max_text_mb": 1, "math_documents": 100}},
+                "demo_corpus": {"max_text_mb": 1, "math_documents": 100},
+                "download": {},
                 "dedup": {"unit_docs": 200, "partitions": 4},
                 "tokenize": {
                     "tokenizer": {"kind": "train", "vocab_size": 2048, "whitespace_tokens": 16},

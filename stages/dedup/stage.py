@@ -21,26 +21,21 @@ is removed after the report unless ``keep_intermediate``.
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import ray
-from ray.exceptions import RayTaskError
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-from tqdm import tqdm
 
 from pipeline import storage
 from pipeline.ledger import Ledger
 from pipeline.raydata import release_stranded_data_coordinator
 from pipeline.stage import StageContext, register
+from pipeline.tasks import Placement, run_all
 from stages.dedup.components import connected_components
 from stages.dedup.config import DedupConfig
 from stages.dedup.phases import (
@@ -61,6 +56,7 @@ from stages.dedup.units import (
     parquet_bytes,
     read_parquet,
 )
+from stages.download.manifest import downloaded_files
 
 log = logging.getLogger("meshline.dedup")
 
@@ -77,42 +73,13 @@ COUNTS = (
 )
 
 
-NODE_ID_LABEL = "ray.io/node-id"
-"""The label Ray gives every node with its id."""
-
-
 class DedupError(Exception):
     """A unit of the dedup stage failed; the message names its file (and line or offset)."""
 
 
 def input_files(download_uri: str) -> list[tuple[str, str]]:
     """(name, uri) of every Pile data file the download manifest lists, sorted by name."""
-    manifest = json.loads(storage.read_text(storage.join(download_uri, "manifest.json")))
-    names = sorted(f["name"] for f in manifest["files"] if f["name"].endswith(INPUT_SUFFIXES))
-    return [(name, storage.join(download_uri, name)) for name in names]
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where file-writing work may run: anywhere, or on the one node whose local disk
-    holds the output directory."""
-
-    node_id: str | None = None
-
-    @classmethod
-    def for_output(cls, output: str, config: DedupConfig) -> Placement:
-        if storage.is_gcs(output) or config.shared_filesystem:
-            return cls()
-        return cls(ray.get_runtime_context().get_node_id())
-
-    def task_options(self) -> dict[str, Any]:
-        if self.node_id is None:
-            return {}
-        return {"scheduling_strategy": NodeAffinitySchedulingStrategy(self.node_id, soft=False)}
-
-    def data_options(self) -> dict[str, Any]:
-        """For Ray Data operators, which take a node label rather than a strategy."""
-        return {} if self.node_id is None else {"label_selector": {NODE_ID_LABEL: self.node_id}}
+    return downloaded_files(download_uri, INPUT_SUFFIXES)
 
 
 def _run_tasks(
@@ -124,29 +91,14 @@ def _run_tasks(
 ) -> list[Any]:
     """Run ``fn(*call)`` for every call as Ray tasks, at most ``concurrency`` at a time;
     results in call order. A failure raises the task's own error message."""
-    task = ray.remote(fn).options(num_cpus=1, **placement.task_options())
-    results: list[Any] = [None] * len(calls)
-    waiting = list(enumerate(calls))
-    running: dict[ray.ObjectRef, int] = {}
-    with tqdm(total=len(calls), desc=f"dedup {desc}", unit="unit") as bar:
-        while waiting or running:
-            while waiting and len(running) < concurrency:
-                index, call = waiting.pop(0)
-                running[task.remote(*call)] = index
-            done, _ = ray.wait(list(running), num_returns=1)
-            index = running.pop(done[0])
-            results[index] = _get(done[0])
-            bar.update(1)
-    return results
-
-
-def _get(ref: ray.ObjectRef) -> Any:
-    try:
-        return ray.get(ref)
-    except RayTaskError as exc:
-        if isinstance(exc.cause, ReadError | MalformedLine):
-            raise type(exc.cause)(str(exc.cause)) from None
-        raise
+    return run_all(
+        fn,
+        calls,
+        unwrap=(ReadError, MalformedLine),
+        concurrency=concurrency,
+        desc=f"dedup {desc}",
+        placement=placement,
+    )
 
 
 def _parse_file(output: str, file: str, uri: str, index: int, config: DedupConfig) -> list:
@@ -374,16 +326,11 @@ def build_report(
     }
 
 
-def _metric_name(text: str) -> str:
-    """A pile_set_name as MLflow accepts it in a metric name."""
-    return re.sub(r"[^A-Za-z0-9_\-. /]", "_", text)
-
-
 def _record(ctx: StageContext, report: dict[str, Any], seconds: float) -> None:
     metrics: dict[str, float] = {k: float(v) for k, v in report["totals"].items()}
     for name, counts in report["components"].items():
         for key, value in counts.items():
-            metrics[f"{key}.{_metric_name(name)}"] = float(value)
+            metrics[f"{key}.{name}"] = float(value)
     metrics["near_clusters"] = float(report["near"]["clusters"])
     metrics["seconds"] = seconds
     ctx.record(**metrics)
@@ -394,13 +341,12 @@ def run(ctx: StageContext) -> None:
     """Parse, exact-dedup, decontaminate, near-dedup and write the download's files."""
     config: DedupConfig = ctx.config
     started = time.monotonic()
-    report_uri = storage.join(ctx.output, REPORT_FILE)
     if ctx.ledger.is_committed(REPORT_UNIT):
         log.info("dedup: already complete, report committed")
-        _record(ctx, json.loads(storage.read_text(report_uri)), time.monotonic() - started)
+        _record(ctx, ctx.ledger.read_json(REPORT_FILE), time.monotonic() - started)
         return
     files = input_files(ctx.inputs["download"].uri)
-    placement = Placement.for_output(ctx.output, config)
+    placement = Placement.for_output(ctx.output, config.shared_filesystem)
     units = parse_all(ctx, files, placement)
     train = train_units(units)
     run_exact(ctx, units, placement)
@@ -411,8 +357,7 @@ def run(ctx: StageContext) -> None:
         clusters = find_clusters(ctx, train, placement)
     shards = write_all(ctx, units, near_done, placement)
     report = build_report(units, shards, clusters, files, config)
-    with ctx.ledger.unit(REPORT_UNIT) as unit, unit.open(REPORT_FILE) as f:
-        f.write(json.dumps(report, indent=1, sort_keys=True).encode())
+    ctx.ledger.commit_json(REPORT_UNIT, REPORT_FILE, report, sort_keys=True)
     if not config.keep_intermediate:
         storage.delete(storage.join(ctx.output, WORK), recursive=True)
     seconds = time.monotonic() - started

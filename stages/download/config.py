@@ -1,0 +1,70 @@
+"""The download stage's config, and the error it raises for a file it could not fetch."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from pipeline.stage import StageConfig
+
+MIRROR_STAGE = "demo_corpus"
+"""An upstream stage whose output is a mirror (files plus ``SHA256SUMS.txt``) to download."""
+
+
+class DownloadConfig(StageConfig):
+    """Which files to fetch, from where, how they are verified, and how hard to try."""
+
+    sources: list[str] = []
+    """Files to fetch: URLs (``https://``, ``http://``, ``gs://``, ``file://``) or local
+    paths; ``gs://`` and local entries may be globs (``*``, ``?``, ``[``). A relative entry
+    without a scheme is joined to ``base_url`` when one is given. Empty when the pipeline
+    has a ``demo_corpus`` stage, whose mirror is downloaded instead."""
+    base_url: str | None = None
+    """Mirror root that relative sources and a relative ``checksums`` URL are joined to; output
+    names are paths relative to it."""
+    checksums: str | dict[str, str] | None = None
+    """Expected sha256 of every file: a ``SHA256SUMS``-style file (URL or path; relative is
+    joined to ``base_url``) or an inline mapping name -> sha256. Names are paths relative to
+    ``base_url``, or basenames. When given, every source must be listed."""
+    concurrency: int = Field(default=4, ge=1)
+    """Files fetched at the same time (one Ray task each)."""
+    retries: int = Field(default=5, ge=0)
+    """Times a failing request is retried (5xx, 429, timeouts, dropped connections) before the
+    file fails; the count starts again whenever bytes arrive."""
+    backoff_seconds: float = Field(default=1.0, ge=0)
+    """Wait before the first retry; doubled for each further retry (up to 5 minutes)."""
+    timeout_seconds: float = Field(default=60.0, gt=0)
+    """Seconds to wait for a connection or for the next bytes before a request fails."""
+    chunk_mb: float = Field(default=8.0, gt=0)
+    """Size of the chunks streamed from the source to the output, in MiB."""
+    shared_filesystem: bool = False
+    """A local output directory is visible to every node (NFS, or a fake multi-node cluster
+    on one machine), so any node may fetch; otherwise fetches run on the stage's node."""
+    verify_pile: bool = True
+    """Fail a ``.zst`` file that is not valid zstd, and a ``.jsonl``/``.jsonl.zst`` file whose
+    first line is not Pile JSON (``{"text": str, "meta": {"pile_set_name": str}}``)."""
+
+    volatile_fields = frozenset(
+        {
+            "concurrency",
+            "retries",
+            "backoff_seconds",
+            "timeout_seconds",
+            "chunk_mb",
+            "shared_filesystem",
+        }
+    )
+
+    def check_inputs(self, inputs: tuple[str, ...]) -> None:
+        if MIRROR_STAGE in inputs:
+            if self.sources or self.base_url or self.checksums:
+                raise ValueError(f"a {MIRROR_STAGE} stage excludes sources, base_url and checksums")
+        elif not self.sources:
+            raise ValueError(f"give sources (or configure a {MIRROR_STAGE} stage)")
+
+    @property
+    def chunk_bytes(self) -> int:
+        return max(1, int(self.chunk_mb * 2**20))
+
+
+class DownloadError(Exception):
+    """A file could not be fetched or failed verification; the message names it."""
