@@ -1,4 +1,13 @@
-"""The pipeline's stages, one module or subpackage each.
+"""The pipeline's stages, one module or subpackage each, in the order data flows:
+
+- ``demo_corpus``: the offline demo's Pile-format mirror, built from the standard library.
+- ``download``: files from https, gs, file or a mirror stage, verified, with a manifest.
+- ``dedup``: exact, decontamination and MinHash-LSH near-duplicate removal on Ray Data.
+- ``tokenize``: BPE into packed Arrow rows, the tokenizer shipped with them.
+- ``train``: the model, sharding, optimiser, loader and hosts; ``train.output`` owns the
+  train stage's output format (model config, checkpoints) that later stages read.
+- ``convert``: the checkpoint to and from Hugging Face directories.
+- ``evaluate``: lm-eval-harness-compatible scoring, samples and the lm-eval adapter.
 
 Importing a stage module registers that stage with the executor; ``stages.all`` imports
 every one (the default ``stage_modules``). This file imports nothing, so a Ray worker that
