@@ -37,13 +37,28 @@ Output contract (``{out}`` is the stage output directory; train and evaluate rea
 - Reading: ``ShardDataset.from_output(out, split[, component])`` memory-maps the shards
   and indexes any global row without copying.
 
-Modules: ``bpe`` (tokenizers, saving, loading, chunked encoding), ``packing`` (rows and the
-Arrow writer), ``reader`` (``ShardDataset``, no Ray needed), ``stage`` (config, Ray Data
-pipeline, units, manifest).
+Where things live:
+
+- ``config``: ``TokenizeConfig`` and the tokenizer specs (GPT-2's, or a trained BPE), the
+  Pile's component epochs, component directory names.
+- ``tokenizer``: ``Tokenizer`` (its files and the engine that reads them, chunked encoding),
+  ``load_tokenizer`` and the saved files' names.
+- ``hf_files``: the Hugging Face ``tokenizer.json`` made from tiktoken ranks, the
+  ``AutoTokenizer`` side files, meshline's descriptor.
+- ``bpe``: making a tokenizer (``load_gpt2`` from ranks or a ``tokenizer.json``,
+  ``train_bpe``); the names other stages import for tokenizers.
+- ``parts``: dedup's parts planned, the training sample, one part's unit (rows, carries).
+- ``encoding``: the Ray Data pool of ``Encoder`` actors and the encoded batches in order.
+- ``packing``: rows of ``seq_len + 1`` ids and the Arrow IPC writer.
+- ``manifest``: ``manifest.json`` written as the last unit and read back (``read_manifest``).
+- ``reader``: ``ShardDataset``, memory-mapped rows (no Ray needed).
+- ``stage``: the registered stage: tokenizer unit, part units in order, manifest, metrics.
 """
 
-from stages.tokenize.bpe import Tokenizer, load_tokenizer
-from stages.tokenize.reader import ShardDataset, read_manifest
-from stages.tokenize.stage import TokenizeConfig, run
+from stages.tokenize.config import TokenizeConfig
+from stages.tokenize.manifest import read_manifest
+from stages.tokenize.reader import ShardDataset
+from stages.tokenize.stage import run
+from stages.tokenize.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = ["ShardDataset", "TokenizeConfig", "Tokenizer", "load_tokenizer", "read_manifest", "run"]

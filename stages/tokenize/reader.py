@@ -2,28 +2,20 @@
 
 ``ShardDataset`` memory-maps every shard of a split (Arrow IPC files, uncompressed), and
 row ``i`` of the split is a read-only numpy view into the mapping: nothing is read from disk
-until the row is touched, and the trainer's data loader can index any global row. It needs
-only numpy and pyarrow (no Ray), and local files (copy a ``gs://`` output down first).
+until the row is touched, and the trainer's data loader can index any global row. It reads
+with numpy and pyarrow (no Ray), from local files (copy a ``gs://`` output down first).
 """
 
 from __future__ import annotations
 
 import bisect
-import json
 import os
 from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
 
-MANIFEST = "manifest.json"
-
-
-def read_manifest(output: str) -> dict:
-    """The ``manifest.json`` of a local tokenize output directory."""
-    path = os.path.join(output, MANIFEST)
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+from stages.tokenize.manifest import read_manifest
 
 
 class ShardDataset:
