@@ -336,15 +336,9 @@ def _record(ctx: StageContext, report: dict[str, Any], seconds: float) -> None:
     ctx.record(**metrics)
 
 
-@register("dedup", DedupConfig, inputs=("download",))
-def run(ctx: StageContext) -> None:
-    """Parse, exact-dedup, decontaminate, near-dedup and write the download's files."""
+def deduplicate(ctx: StageContext) -> None:
+    """Every phase in order, each skipping what its ledger holds; commits the report last."""
     config: DedupConfig = ctx.config
-    started = time.monotonic()
-    if ctx.ledger.is_committed(REPORT_UNIT):
-        log.info("dedup: already complete, report committed")
-        _record(ctx, ctx.ledger.read_json(REPORT_FILE), time.monotonic() - started)
-        return
     files = input_files(ctx.inputs["download"].uri)
     placement = Placement.for_output(ctx.output, config.shared_filesystem)
     units = parse_all(ctx, files, placement)
@@ -360,7 +354,19 @@ def run(ctx: StageContext) -> None:
     ctx.ledger.commit_json(REPORT_UNIT, REPORT_FILE, report, sort_keys=True)
     if not config.keep_intermediate:
         storage.delete(storage.join(ctx.output, WORK), recursive=True)
+
+
+@register("dedup", DedupConfig, inputs=("download",))
+def run(ctx: StageContext) -> None:
+    """Parse, exact-dedup, decontaminate, near-dedup and write the download's files (unless
+    the report is committed already), then record the report's counts."""
+    started = time.monotonic()
+    if ctx.ledger.is_committed(REPORT_UNIT):
+        log.info("dedup: already complete, report committed")
+    else:
+        deduplicate(ctx)
     seconds = time.monotonic() - started
+    report = ctx.ledger.read_json(REPORT_FILE)
     totals = report["totals"]
     log.info(
         "dedup: %d docs in, %d out (%d exact, %d near, %d decontaminated, %d malformed), "
