@@ -35,6 +35,9 @@ from flax import struct
 from stages.train.model_config import ModelConfig
 
 Array = jax.Array
+LayerKV = tuple[Array, Array] | None
+"""One layer's cached keys and values [batch, slots, heads, head_dim], or None without a
+cache."""
 
 REMAT_POLICIES: dict[str, Callable[..., bool]] = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -72,6 +75,19 @@ class KVCache:
             valid=jnp.zeros((batch, length), bool),
             index=jnp.zeros((), jnp.int32),
         )
+
+
+@struct.dataclass
+class Attend:
+    """Where the tokens of one forward pass sit and which key slots each may attend to; the
+    same in every layer."""
+
+    positions: Array
+    """[batch, tokens] position of each token (its rotary angle)."""
+    allowed: Array
+    """[batch, tokens, slots] bool: the token may attend to the key slot."""
+    slot: Array
+    """int32 scalar: the cache slot of the first token (0 without a cache)."""
 
 
 def _init(names: tuple[str, ...], init: Callable[..., Array]) -> Callable[..., Array]:
@@ -159,41 +175,40 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(
-        self,
-        x: Array,
-        positions: Array,
-        allowed: Array,
-        kv: tuple[Array, Array] | None,
-        slot: Array,
-    ) -> tuple[Array, tuple[Array, Array] | None]:
+    def __call__(self, x: Array, attend: Attend, kv: LayerKV) -> tuple[Array, LayerKV]:
         cfg = self.config
         heads = ("batch", "length", "heads", "head_dim")
         project = partial(
             Linear,
-            (cfg.n_heads, cfg.head_dim),
-            ("embed", "heads", "head_dim"),
-            cfg.attn_bias,
-            cfg,
+            features=(cfg.n_heads, cfg.head_dim),
+            names=("embed", "heads", "head_dim"),
+            use_bias=cfg.attn_bias,
+            config=cfg,
         )
         q, k, v = (constrain(project(name=n)(x), heads) for n in ("q", "k", "v"))
-        q, k = rotary(q, positions, cfg), rotary(k, positions, cfg)
+        q, k = rotary(q, attend.positions, cfg), rotary(k, attend.positions, cfg)
         if kv is not None:
-            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, slot, 0, 0))
-            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, slot, 0, 0))
+            at = (0, attend.slot, 0, 0)
+            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), at)
+            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), at)
             kv = (k, v)
         precision = cfg.matmul_precision
         scores = jnp.einsum(
             "bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32), precision=precision
         )
         # A finite fill keeps rows with no allowed key (padding queries) NaN-free.
-        scores = jnp.where(allowed[:, None], scores / math.sqrt(cfg.head_dim), -1e30)
+        scores = jnp.where(attend.allowed[:, None], scores / math.sqrt(cfg.head_dim), -1e30)
         probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(cfg.dtype), precision=precision)
         out = constrain(out, heads)
-        names = ("heads", "head_dim", "embed")
         out = Linear(
-            (cfg.d_model,), names, cfg.attn_bias, cfg, n_in=2, init_scale=2 / cfg.n_layers, name="o"
+            features=(cfg.d_model,),
+            names=("heads", "head_dim", "embed"),
+            use_bias=cfg.attn_bias,
+            config=cfg,
+            n_in=2,
+            init_scale=2 / cfg.n_layers,
+            name="o",
         )(out)
         return out, kv
 
@@ -206,10 +221,17 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.config
-        h = Linear((cfg.d_ff,), ("embed", "mlp"), True, cfg, name="fc_in")(x)
-        h = ACTIVATIONS[cfg.activation](constrain(h, ("batch", "length", "mlp")))
+        fc_in = Linear(
+            features=(cfg.d_ff,), names=("embed", "mlp"), use_bias=True, config=cfg, name="fc_in"
+        )
+        h = ACTIVATIONS[cfg.activation](constrain(fc_in(x), ("batch", "length", "mlp")))
         fc_out = Linear(
-            (cfg.d_model,), ("mlp", "embed"), True, cfg, init_scale=2 / cfg.n_layers, name="fc_out"
+            features=(cfg.d_model,),
+            names=("mlp", "embed"),
+            use_bias=True,
+            config=cfg,
+            init_scale=2 / cfg.n_layers,
+            name="fc_out",
         )
         return fc_out(h)
 
@@ -220,17 +242,10 @@ class Block(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(
-        self,
-        x: Array,
-        positions: Array,
-        allowed: Array,
-        slot: Array,
-        kv: tuple[Array, Array] | None,
-    ) -> tuple[Array, tuple[Array, Array] | None]:
+    def __call__(self, x: Array, attend: Attend, kv: LayerKV) -> tuple[Array, LayerKV]:
         cfg = self.config
         h = layer_norm(cfg, "ln_1")(x).astype(cfg.dtype)
-        attn, kv = Attention(cfg, name="attn")(h, positions, allowed, kv, slot)
+        attn, kv = Attention(cfg, name="attn")(h, attend, kv)
         mlp = Mlp(cfg, name="mlp")
         if not cfg.parallel_residual:
             x = x + attn
@@ -251,7 +266,7 @@ def stacked_blocks(config: ModelConfig) -> type[nn.Module]:
         block,
         variable_axes={"params": 0},
         split_rngs={"params": True},
-        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
+        in_axes=(nn.broadcast, 0),
         length=config.n_layers,
         unroll=config.scan_unroll,
         metadata_params={nn.PARTITION_NAME: "layers"},
@@ -274,7 +289,12 @@ class Transformer(nn.Module):
         )
         self.layers = stacked_blocks(cfg)(cfg)
         self.ln_f = layer_norm(cfg, "ln_f")
-        self.lm_head = Linear((cfg.vocab_size,), ("embed", "vocab"), cfg.lm_head_bias, cfg)
+        self.lm_head = Linear(
+            features=(cfg.vocab_size,),
+            names=("embed", "vocab"),
+            use_bias=cfg.lm_head_bias,
+            config=cfg,
+        )
 
     def __call__(
         self, tokens: Array, mask: Array | None = None, positions: Array | None = None
@@ -331,7 +351,7 @@ class Transformer(nn.Module):
         # every weight, so the partitioner never has to re-split an embed-sharded result.
         table = constrain(self.embed.embedding.astype(self.config.dtype), ("vocab", None))
         x = constrain(jnp.take(table, tokens, axis=0), ("batch", "length", "embed"))
-        x, kv = self.layers(x, positions, allowed, slot, kv)
+        x, kv = self.layers(x, Attend(positions, allowed, slot), kv)
         return self.ln_f(x).astype(self.config.dtype), kv, key_valid
 
 
