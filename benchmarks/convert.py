@@ -5,9 +5,9 @@
 
 1. Builds a float32 GPT-J checkpoint of random weights (>= 2 GB with the defaults: 710M
    parameters, 2.84 GB; Orbax's zstd takes ~7% off random weights on disk) in the train
-   stage's layout (``checkpoints/0/{state,meta}`` and ``model_config.json``, written by
-   ``stages.convert.write_checkpoint``: Orbax ``StandardSave`` of ``{"params": ...}`` in the
-   train stage's zarr chunks of at most 16 MiB (``trainer.chunked_save``), the params-only
+   stage's layout (step 0 and the model config, written by
+   ``stages.train.output.write_checkpoint``: Orbax ``StandardSave`` of ``{"params": ...}`` in
+   the train stage's zarr chunks of at most 16 MiB (``output.chunked_save``), the params-only
    form that ``train.init_from`` reads). The weights are generated leaf by leaf in place in
    one numpy tree, in a subprocess, so no second copy of the model exists while it is written.
 2. ``shutil.copytree`` of the checkpoint step directory: the plain file copy of the bytes an
@@ -65,8 +65,8 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     """The random checkpoint at ``{dir}/train``; its leaf sizes."""
     import numpy as np
 
-    from stages.convert import write_checkpoint
-    from stages.convert.layout import expected_shapes
+    from stages.train.output import write_checkpoint
+    from stages.train.params import expected_shapes
 
     config = _model(args)
     rng = np.random.default_rng(0)
@@ -89,12 +89,8 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
     # config.json's writer (lazily loaded submodules too), imported before the clock starts.
     from transformers import AutoConfig, GenerationConfig  # noqa: F401
 
-    from stages.convert import (
-        export_hf,
-        export_train_output,
-        load_checkpoint_params,
-        read_model_config,
-    )
+    from stages.convert import export_hf, export_train_output
+    from stages.train.output import load_checkpoint_params, read_model_config
 
     train, dest = os.path.join(args.dir, "train"), os.path.join(args.dir, args.mode)
     ready_rss = _peak_rss()

@@ -20,10 +20,8 @@ from mlflow import MlflowClient
 from pipeline import cli, lineage, storage
 from pipeline.ledger import Ledger
 from pipeline.stage import StageContext, Upstream
-from pipeline.status import SUCCESS, Status, write_status
 from stages.convert import (
     INDEX,
-    CheckpointReader,
     ConvertConfig,
     ConvertError,
     export_hf,
@@ -31,15 +29,18 @@ from stages.convert import (
     import_checkpoint,
     import_hf,
     iter_checkpoint_tensors,
-    load_checkpoint_params,
-    read_model_config,
     run,
-    write_checkpoint,
 )
 from stages.convert.hf_dir import write_hf
 from stages.train.config import TrainConfig
 from stages.train.model import forward
 from stages.train.model_config import preset
+from stages.train.output import (
+    CheckpointReader,
+    load_checkpoint_params,
+    read_model_config,
+    write_checkpoint,
+)
 from stages.train.trainer import Trainer
 from tests.test_convert import hf_logits, random_params, relative_error, same_tree
 from tests.train_data import write_tokenized
@@ -217,10 +218,10 @@ def test_stage_exports_and_registers_the_model_linked_to_the_training_run(
     experiment = lineage.create_experiment(tracking, "convert-test", str(tmp_path / "artifacts"))
     parent = lineage.PipelineRun.start(tracking, experiment, "inv", "test")
     with parent.stage_run("train", "trainfp", output, {}, []) as train_run:
-        write_status(output, Status(SUCCESS, "inv", mlflow_run_id=train_run.run_id))
+        train_run_id = train_run.run_id
     out = tmp_path / "convert"
     upstream = {
-        "train": Upstream("train", output, "trainfp", "traindigest"),
+        "train": Upstream("train", output, "trainfp", "traindigest", run_id=train_run_id),
         "tokenize": Upstream("tokenize", tokenized, "tokfp", "tokdigest"),
     }
     with parent.stage_run("convert", "convfp", str(out), {}, list(upstream.values())) as run_:

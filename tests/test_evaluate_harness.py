@@ -18,7 +18,7 @@ from flax import linen as nn
 from lm_eval.api import metrics as lm_metrics
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from stages.convert import ConvertError, write_checkpoint
+from stages.convert import ConvertError
 from stages.evaluate import metrics
 from stages.evaluate.harness import bucket, encode_pair, model_input, rolling_windows, split_prefix
 from stages.evaluate.lm import JaxLM, _batches
@@ -26,6 +26,7 @@ from stages.evaluate.tasks import TaskDataError, evaluate_task, load_documents
 from stages.tokenize.bpe import Tokenizer, train_bpe
 from stages.train.model import forward, init_params
 from stages.train.model_config import gptj
+from stages.train.output import write_checkpoint
 
 EOS = 0
 

@@ -24,7 +24,7 @@ from flax import linen as nn
 from lm_eval.api.instance import Instance
 from lm_eval.tasks import TaskManager
 
-from stages.convert import export_hf, write_checkpoint
+from stages.convert import export_hf
 from stages.evaluate.lm import JaxLM
 from stages.evaluate.lm_eval_model import MeshlineLM
 from stages.evaluate.tasks import (
@@ -38,6 +38,7 @@ from stages.tokenize.bpe import load_tokenizer, train_bpe
 from stages.train.generate import generate
 from stages.train.model import init_params
 from stages.train.model_config import ModelConfig, gptj
+from stages.train.output import write_checkpoint
 from tests.tokenize_data import stdlib_texts
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

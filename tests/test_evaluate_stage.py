@@ -23,14 +23,10 @@ import pytest
 from pipeline.ledger import Ledger
 from pipeline.stage import StageContext, Upstream, fingerprint
 from stages.convert import ConvertError
-from stages.evaluate.stage import (
-    EvaluateConfig,
-    EvaluateError,
-    improvements,
-    initial_params,
-    run,
-    table,
-)
+from stages.evaluate.config import EvaluateConfig
+from stages.evaluate.models import initial_params
+from stages.evaluate.report import improvements, table
+from stages.evaluate.stage import EvaluateError, run
 from stages.tokenize.bpe import train_bpe
 from stages.tokenize.packing import RowWriter, with_eos
 from stages.train.config import TrainConfig
@@ -166,7 +162,11 @@ class Logged:
 
 
 def context(out: Path, upstream: dict[str, str], config: dict, logged: Logged) -> StageContext:
-    inputs = {name: Upstream(name, uri, "fp", "digest") for name, uri in upstream.items()}
+    configs = {"train": TrainConfig.model_validate(TRAIN).model_dump(mode="json")}
+    inputs = {
+        name: Upstream(name, uri, "fp", "digest", config=configs.get(name, {}))
+        for name, uri in upstream.items()
+    }
     return StageContext(
         name="evaluate",
         config=EvaluateConfig.model_validate(config),
@@ -238,8 +238,8 @@ def test_demo_tasks_score_better_after_training(upstream: dict[str, str], tmp_pa
 def test_initial_model_is_what_the_trainer_starts_from(
     upstream: dict[str, str], tmp_path: Path
 ) -> None:
-    _, ours = initial_params(upstream["train"])
     config = TrainConfig.model_validate(TRAIN)
+    _, ours = initial_params(upstream["train"], config)
     started = Trainer(config, upstream["tokenize"], str(tmp_path / "t")).initial_state()["params"]
     pairs = zip(jax.tree.leaves(ours), jax.tree.leaves(started), strict=True)
     assert jax.tree.structure(ours) == jax.tree.structure(started)

@@ -10,12 +10,13 @@ import pytest
 from flax import linen as nn
 
 from pipeline.cli import main
-from stages.convert import export_hf, write_checkpoint
-from stages.evaluate.sample import COLUMN, side_by_side
+from stages.convert import export_hf
+from stages.evaluate.columns import COLUMN, side_by_side
 from stages.tokenize.bpe import train_bpe
 from stages.train.generate import generate
 from stages.train.model import init_params
 from stages.train.model_config import gptj
+from stages.train.output import write_checkpoint
 
 PROMPT = "the cube of 12 is"
 

@@ -14,6 +14,7 @@ import argparse
 import sys
 from typing import Any
 
+from stages.convert.checkpoint import export_train_output, import_checkpoint
 from stages.convert.hf_dir import DEFAULT_MAX_SHARD_BYTES
 from stages.convert.layout import DTYPES, ConvertError
 
@@ -26,8 +27,6 @@ def _fail(error: Exception) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from stages.convert.checkpoint import export_train_output
-
     try:
         summary = export_train_output(
             args.train_output,
@@ -44,8 +43,6 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from stages.convert.checkpoint import import_checkpoint
-
     try:
         config = import_checkpoint(args.hf_dir, args.dest, trust_pickle=args.trust_pickle)
     except (ConvertError, FileExistsError, FileNotFoundError) as error:
@@ -63,7 +60,7 @@ def add_command(subparsers: Any) -> None:
     )
     directions = parser.add_subparsers(dest="direction", required=True)
     export = directions.add_parser("export", help="a train output's checkpoint -> HF directory")
-    export.add_argument("train_output", help="train stage output dir (holds checkpoints/)")
+    export.add_argument("train_output", help="train stage output dir")
     export.add_argument("dest", help="new directory, local or gs://")
     export.add_argument("--step", type=int, default=None, help="checkpoint step (latest)")
     export.add_argument("--dtype", choices=sorted(DTYPES), default="float32")

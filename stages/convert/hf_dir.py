@@ -31,33 +31,21 @@ import shutil
 import struct
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, TypedDict, Unpack
 
 import numpy as np
 from safetensors import safe_open
 from tqdm import tqdm
 
 from pipeline import storage
-from stages.convert.layout import (
-    SAFETENSORS_DTYPES,
-    ConvertError,
-    Shape,
-    check_dtype,
-    check_params,
-    hf_tensor_shapes,
-)
-from stages.train.hf_mapping import (
-    Params,
-    config_from_hf,
-    hf_config,
-    iter_hf_tensors,
-    params_from_hf,
-)
+from stages.convert.layout import SAFETENSORS_DTYPES, ConvertError, check_dtype, hf_tensor_shapes
+from stages.train.hf_mapping import config_from_hf, hf_config, iter_hf_tensors, params_from_hf
 from stages.train.model_config import ModelConfig
+from stages.train.output import new_local_directory
+from stages.train.params import Params, Shape, check_params
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +53,24 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 CONFIG = "config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+DEFAULT_DTYPE = "float32"
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 TRANSPOSE_BLOCK = 256
 
 Opener = Callable[[str], AbstractContextManager[IO[bytes]]]
 """Opens the named file of the model directory for writing; it is kept when closed cleanly."""
 Tensors = Iterator[tuple[str, np.ndarray]]
+
+
+class HfOptions(TypedDict, total=False):
+    """What ``write_hf`` takes besides the model and its tensors (see there), passed on by
+    ``export_hf`` and ``checkpoint.export_checkpoint``."""
+
+    dtype: str
+    max_shard_bytes: int
+    tokenizer_dir: str | None
+    bos_token_id: int | None
+    eos_token_id: int | None
 
 
 @dataclass(frozen=True)
@@ -234,7 +234,7 @@ def write_hf(
     config: ModelConfig,
     tensors: Tensors,
     opener: Opener,
-    dtype: str = "float32",
+    dtype: str = DEFAULT_DTYPE,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     tokenizer_dir: str | None = None,
     bos_token_id: int | None = None,
@@ -271,47 +271,19 @@ def new_directory(dest: str) -> Iterator[Opener]:
             storage.delete(dest, recursive=True)
             raise
         return
-    dest = os.path.abspath(storage.local_path(dest))
-    if os.path.exists(dest):
-        raise FileExistsError(f"{dest} exists; export writes a new directory")
-    parent = os.path.dirname(dest)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(dest)}.partial-{uuid.uuid4().hex}")
-    os.makedirs(tmp)
-    try:
+    with new_local_directory(dest, "export") as tmp:
         # The caller's with-block closes each file.
         yield lambda name: open(os.path.join(tmp, name), "wb")  # noqa: SIM115
-        os.rename(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
-def export_hf(
-    params: Params,
-    config: ModelConfig,
-    dest: str,
-    dtype: str = "float32",
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-    tokenizer_dir: str | None = None,
-    bos_token_id: int | None = None,
-    eos_token_id: int | None = None,
-) -> str:
+def export_hf(params: Params, config: ModelConfig, dest: str, **options: Unpack[HfOptions]) -> str:
     """Write ``params`` (an unboxed tree in memory) as a new model directory ``dest``
-    (local or ``gs://``); returns ``dest``. ``export_checkpoint`` streams from a checkpoint."""
-    check_dtype(dtype)
+    (local or ``gs://``) with ``write_hf``'s ``options``; returns ``dest``.
+    ``export_checkpoint`` streams from a checkpoint."""
+    check_dtype(options.get("dtype", DEFAULT_DTYPE))
     check_params(config, params, "params")
     with new_directory(dest) as opener:
-        summary = write_hf(
-            config,
-            iter_hf_tensors(config, params),
-            opener,
-            dtype,
-            max_shard_bytes,
-            tokenizer_dir,
-            bos_token_id,
-            eos_token_id,
-        )
+        summary = write_hf(config, iter_hf_tensors(config, params), opener, **options)
     log.info("exported %s: %s", dest, summary.line())
     return dest if storage.is_gcs(dest) else os.path.abspath(storage.local_path(dest))
 

@@ -1,6 +1,6 @@
-"""What a converted model is made of, known before any weight is read: our leaves and their
-shapes, the Hugging Face tensors in export order with their shapes, the export dtypes, and
-the error every bad input raises.
+"""What a converted model is made of, known before any weight is read: the Hugging Face
+tensors in export order with their shapes (from our leaves' shapes, ``stages.train.params``),
+the export dtypes, and the error every bad input raises.
 
 Knowing every Hugging Face tensor's name and shape up front is what lets the exporter write
 each safetensors header before the tensors' bytes, and so stream them straight to disk.
@@ -8,20 +8,12 @@ each safetensors header before the tensors' bytes, and so stream them straight t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from functools import cache
-
-import jax
 import ml_dtypes
 import numpy as np
-from flax import linen as nn
 
-from stages.train.hf_mapping import Params, tensor_rules
-from stages.train.model import init_params
+from stages.train.hf_mapping import tensor_rules
 from stages.train.model_config import ModelConfig
-
-LeafPath = tuple[str, ...]
-Shape = tuple[int, ...]
+from stages.train.params import ModelFormatError, Shape, expected_shapes
 
 DTYPES: dict[str, np.dtype] = {
     "float32": np.dtype(np.float32),
@@ -30,9 +22,10 @@ DTYPES: dict[str, np.dtype] = {
 }
 SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 
-
-class ConvertError(ValueError):
-    """Input that cannot be converted; the message names the file or tensor."""
+ConvertError = ModelFormatError
+"""Input that cannot be converted; the message names the file or tensor. It is the error of
+every stored model that does not hold what it should (``stages.train.params``), so a bad
+checkpoint fails export, evaluation and import alike."""
 
 
 def check_dtype(dtype: str) -> np.dtype:
@@ -40,44 +33,6 @@ def check_dtype(dtype: str) -> np.dtype:
     if dtype not in DTYPES:
         raise ConvertError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
-
-
-@cache
-def expected_shapes(config: ModelConfig) -> dict[LeafPath, Shape]:
-    """Every leaf of our parameter tree and its shape (layer-stacked leaves included); one
-    trace of the model per config (callers must not change the dict)."""
-    abstract = jax.eval_shape(lambda r: nn.unbox(init_params(config, r)), jax.random.key(0))
-    return {
-        tuple(k.key for k in path): tuple(leaf.shape)
-        for path, leaf in jax.tree_util.tree_leaves_with_path(abstract)
-    }
-
-
-def leaf_shapes(params: Params) -> dict[LeafPath, Shape]:
-    """The leaves of a parameter tree and their shapes."""
-    return {
-        tuple(k.key for k in path): tuple(np.shape(leaf))
-        for path, leaf in jax.tree_util.tree_leaves_with_path(params)
-    }
-
-
-def check_shapes(config: ModelConfig, found: Mapping[LeafPath, Shape], where: str) -> None:
-    """Raise ConvertError naming the first missing, extra or wrongly shaped leaf."""
-    expected = expected_shapes(config)
-    for path, shape in expected.items():
-        name = "/".join(path)
-        if path not in found:
-            raise ConvertError(f"{where}: tensor {name} is missing")
-        if tuple(found[path]) != shape:
-            raise ConvertError(f"{where}: tensor {name} has shape {found[path]}, expected {shape}")
-    extra = sorted("/".join(p) for p in found.keys() - expected.keys())
-    if extra:
-        raise ConvertError(f"{where}: unexpected tensors {', '.join(extra)}")
-
-
-def check_params(config: ModelConfig, params: Params, where: str) -> None:
-    """``check_shapes`` for a parameter tree."""
-    check_shapes(config, leaf_shapes(params), where)
 
 
 def hf_tensor_shapes(config: ModelConfig) -> list[tuple[str, Shape]]:

@@ -4,7 +4,7 @@ registered in the MLflow Model Registry.
 Output (``{out}``): one ledger unit, ``model``: the directory ``{out}/model/`` streamed from
 the checkpoint (latest or ``step``) with the tokenize stage's tokenizer and EOS id. The
 directory is then registered as a new version of an MLflow registered model (``{source}``
-the directory's URI) linked to the training run (from the train output's status) and
+the directory's URI) linked to the run that trained it (the train input's MLflow run) and
 tagged with the digests and fingerprints of the outputs it came from.
 """
 
@@ -19,10 +19,10 @@ from pydantic import Field
 
 from pipeline import storage
 from pipeline.stage import StageConfig, StageContext, register
-from pipeline.status import read_status
-from stages.convert.checkpoint import CheckpointReader, export_checkpoint, read_model_config
+from stages.convert.checkpoint import export_checkpoint
 from stages.convert.hf_dir import DEFAULT_MAX_SHARD_BYTES
 from stages.tokenize import read_manifest
+from stages.train.output import CheckpointReader, read_model_config
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,6 @@ def _source_uri(directory: str) -> str:
 def _register(ctx: StageContext, config: ConvertConfig) -> str:
     train, tokenize = ctx.inputs["train"], ctx.inputs["tokenize"]
     exported = ctx.ledger.record(MODEL_UNIT)["metadata"]
-    status = read_status(train.uri)
     tags = {
         "meshline.output_digest": ctx.ledger.digest(),
         "meshline.train_output": train.uri,
@@ -84,8 +83,7 @@ def _register(ctx: StageContext, config: ConvertConfig) -> str:
         "meshline.dtype": exported["dtype"],
     }
     source = _source_uri(storage.join(ctx.output, MODEL_UNIT))
-    run_id = status.mlflow_run_id if status else None
-    return ctx.register_model(config.registered_model, source, run_id, tags)
+    return ctx.register_model(config.registered_model, source, train.run_id or None, tags)
 
 
 @register("convert", ConvertConfig, inputs=("train", "tokenize"))

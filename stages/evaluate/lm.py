@@ -29,12 +29,14 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline import storage
+from stages.convert.hf_dir import CONFIG, import_hf
 from stages.evaluate.harness import Scored, bucket, encode_pair, rolling_windows, split_prefix
 from stages.tokenize.bpe import DESCRIPTOR, HF_TOKENIZER, RANKS, Tokenizer, TokenizerError
-from stages.train.hf_mapping import Params
 from stages.train.model import KVCache, Transformer
 from stages.train.model_config import ModelConfig
 from stages.train.optim import logsumexp
+from stages.train.output import load_params
+from stages.train.params import Params
 
 Array = jax.Array
 # Rows x padded tokens per batch (per unit of batch_size): bounds the logits and KV cache.
@@ -210,20 +212,14 @@ class JaxLM:
     def from_train_output(
         cls, train_uri: str, tokenizer: Tokenizer, step: int | None = None, **kwargs: object
     ) -> JaxLM:
-        """The train stage's checkpoint at ``step`` (the latest if None); ``ConvertError``
-        names the first tensor whose shape the model config does not expect."""
-        from stages.convert import check_params, load_checkpoint_params, read_model_config
-
-        config = read_model_config(train_uri)
-        params = load_checkpoint_params(train_uri, step)
-        check_params(config, params, train_uri)
-        return cls(config, params, tokenizer, **kwargs)
+        """The train stage's checkpoint at ``step`` (the latest if None); ``ModelFormatError``
+        (``ConvertError``) names the train output and the first tensor whose shape the model
+        config does not expect."""
+        return cls(*load_params(train_uri, step, label=train_uri), tokenizer, **kwargs)
 
     @classmethod
     def from_hf_dir(cls, directory: str, **kwargs: object) -> JaxLM:
         """A Hugging Face export (``stages.convert.export_hf``) with its tokenizer files."""
-        from stages.convert import import_hf
-
         params, config = import_hf(directory)
         return cls(config, params, hf_dir_tokenizer(directory), **kwargs)
 
@@ -293,10 +289,10 @@ def hf_dir_tokenizer(directory: str) -> Tokenizer:
     if HF_TOKENIZER not in files:
         raise TokenizerError(f"{directory}: no {HF_TOKENIZER}")
     if DESCRIPTOR not in files:
-        hf_config = json.loads(storage.read_bytes(storage.join(directory, "config.json")))
+        hf_config = json.loads(storage.read_bytes(storage.join(directory, CONFIG)))
         eos_id = hf_config.get("bos_token_id", hf_config.get("eos_token_id"))
         if eos_id is None:
-            raise TokenizerError(f"{directory}/config.json: no bos_token_id or eos_token_id")
+            raise TokenizerError(f"{directory}/{CONFIG}: no bos_token_id or eos_token_id")
         spec = json.loads(files[HF_TOKENIZER])
         ids = [*spec["model"]["vocab"].values(), *(t["id"] for t in spec.get("added_tokens", []))]
         descriptor = {

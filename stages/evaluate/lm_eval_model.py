@@ -14,13 +14,13 @@ Hugging Face export from the convert stage (its tokenizer files are in it). Scor
 
 from __future__ import annotations
 
-import os
-
 import lm_eval.models  # noqa: F401  (the harness loads its own models only into an empty registry)
 from lm_eval.api.instance import Instance
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
+from pipeline import storage
+from stages.convert.hf_dir import CONFIG
 from stages.evaluate.lm import JaxLM
 from stages.tokenize.bpe import load_tokenizer
 from stages.train.generate import generate
@@ -36,7 +36,7 @@ def load_lm(
     max_length: int | None = None,
 ) -> JaxLM:
     """A ``JaxLM`` from a train stage output (with ``tokenizer``) or a Hugging Face export."""
-    if os.path.exists(os.path.join(checkpoint, "config.json")):
+    if storage.exists(storage.join(checkpoint, CONFIG)):
         return JaxLM.from_hf_dir(checkpoint, batch_size=batch_size, max_length=max_length)
     if tokenizer is None:
         raise ValueError(f"{checkpoint}: a train output needs tokenizer= (a tokenize output)")

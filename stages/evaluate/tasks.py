@@ -24,6 +24,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import pyarrow.parquet as pq
+
 from pipeline import storage
 from stages.evaluate import metrics
 from stages.evaluate.lm import JaxLM
@@ -216,8 +218,6 @@ def _read_records(source: str) -> list[tuple[str, Any]]:
     except OSError as exc:
         raise TaskDataError(f"{source}: cannot read ({exc})") from None
     if source.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
         rows = pq.read_table(io.BytesIO(data)).to_pylist()
         return [(f"{source}: row {i}", row) for i, row in enumerate(rows, start=1)]
     text = data.decode("utf-8")

@@ -1,4 +1,5 @@
-"""The train stage's config: model, mesh, batch, recipe, checkpoints, placement.
+"""The train stage's config: model, mesh, batch, recipe, checkpoints, placement, and the
+model config a run trains (``training_model_config``).
 
 Only pydantic here (no JAX), so the stage registry and the executor import it cheaply; the
 host actors import the JAX code.
@@ -11,35 +12,31 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.stage import StageConfig
+from stages.train.model_config import ModelConfig, preset
 
 Recipe = Literal["gptj", "neox-20b"]
 
-RECIPES: dict[str, dict[str, float | int]] = {
+_RECIPE_FIELDS = [
+    "lr",
+    "end_lr",
+    "warmup_steps",
+    "anneal_steps",
+    "weight_decay",
+    "b1",
+    "b2",
+    "eps",
+    "clip",
+]
+_RECIPE_VALUES: dict[str, tuple[float | int, ...]] = {
     # mesh-transformer-jax configs/6B_roto_256.json
-    "gptj": dict(
-        lr=1.2e-4,
-        end_lr=1.2e-5,
-        warmup_steps=3000,
-        anneal_steps=300000,
-        weight_decay=0.1,
-        b1=0.9,
-        b2=0.999,
-        eps=1e-8,
-        clip=1.0,
-    ),
+    "gptj": (1.2e-4, 1.2e-5, 3000, 300000, 0.1, 0.9, 0.999, 1e-8, 1.0),
     # gpt-neox configs/20B.yml: train_iters 150000, warmup 0.01, cosine to min_lr
-    "neox-20b": dict(
-        lr=0.97e-4,
-        end_lr=0.97e-5,
-        warmup_steps=1500,
-        anneal_steps=148500,
-        weight_decay=0.01,
-        b1=0.9,
-        b2=0.95,
-        eps=1e-8,
-        clip=1.0,
-    ),
+    "neox-20b": (0.97e-4, 0.97e-5, 1500, 148500, 0.01, 0.9, 0.95, 1e-8, 1.0),
 }
+RECIPES: dict[str, dict[str, float | int]] = {
+    name: dict(zip(_RECIPE_FIELDS, values, strict=True)) for name, values in _RECIPE_VALUES.items()
+}
+"""Each recipe's optimiser fields and values."""
 
 
 class OptimizerConfig(BaseModel):
@@ -199,3 +196,17 @@ class TrainConfig(StageConfig):
                 f"{self.micro_batches}"
             )
         return self
+
+
+def training_model_config(config: TrainConfig, vocab_size: int) -> ModelConfig:
+    """The preset with overrides, the run's compute dtype and float32 master params, checked
+    against the tokenizer's ``vocab_size``."""
+    model = preset(
+        config.model, **{**config.model_overrides, "dtype": config.dtype, "param_dtype": "float32"}
+    )
+    if model.vocab_size < vocab_size:
+        raise ValueError(
+            f"model {config.model} has {model.vocab_size} embeddings, the tokenizer "
+            f"{vocab_size} ids"
+        )
+    return model

@@ -17,9 +17,7 @@ from typing import Any
 import numpy as np
 
 from stages.train.model_config import ModelConfig
-
-Path = tuple[str, ...]
-Params = dict[str, Any]
+from stages.train.params import LeafPath, Params, leaf_at, set_leaf
 
 NEOX_OUTPUT_ALIASES = {"embed_out.weight": "lm_head.weight"}
 
@@ -30,7 +28,7 @@ class TensorRule:
 
     hf_name: str
     """Hugging Face name; ``{i}`` stands for the layer index in per-layer tensors."""
-    ours: tuple[Path, ...]
+    ours: tuple[LeafPath, ...]
     """Our leaves, as paths into the parameter tree (stacked over layers for ``{i}`` names)."""
     to_hf: Callable[..., np.ndarray]
     """Our leaves (one layer's slice for per-layer tensors) -> the Hugging Face tensor."""
@@ -42,12 +40,12 @@ class TensorRule:
         return "{i}" in self.hf_name
 
 
-def _copy(hf_name: str, ours: Path) -> TensorRule:
+def _copy(hf_name: str, ours: LeafPath) -> TensorRule:
     return TensorRule(hf_name, (ours,), lambda a: a, lambda a: (a,))
 
 
 def _linear(
-    hf_name: str, ours: Path, shape_in: tuple[int, ...], shape_out: tuple[int, ...]
+    hf_name: str, ours: LeafPath, shape_in: tuple[int, ...], shape_out: tuple[int, ...]
 ) -> TensorRule:
     n_in, n_out = math.prod(shape_in), math.prod(shape_out)
     return TensorRule(
@@ -58,7 +56,7 @@ def _linear(
     )
 
 
-def _norm(hf_prefix: str, ours: Path) -> list[TensorRule]:
+def _norm(hf_prefix: str, ours: LeafPath) -> list[TensorRule]:
     return [
         _copy(f"{hf_prefix}.weight", (*ours, "scale")),
         _copy(f"{hf_prefix}.bias", (*ours, "bias")),
@@ -140,22 +138,10 @@ def tensor_rules(config: ModelConfig) -> list[TensorRule]:
     return _gptj_rules(config) if config.architecture == "gptj" else _neox_rules(config)
 
 
-def _get(tree: Params, path: Path) -> Any:
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def _set(tree: Params, path: Path, value: np.ndarray) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
 def iter_hf_tensors(config: ModelConfig, params: Params) -> Iterator[tuple[str, np.ndarray]]:
     """(name, tensor) of the Hugging Face state dict, one tensor at a time."""
     for rule in tensor_rules(config):
-        leaves = [_get(params, path) for path in rule.ours]
+        leaves = [leaf_at(params, path) for path in rule.ours]
         if not rule.per_layer:
             yield rule.hf_name, rule.to_hf(*(np.asarray(a) for a in leaves))
             continue
@@ -176,14 +162,14 @@ def params_from_hf(config: ModelConfig, state_dict: Mapping[str, Any]) -> Params
             for path, leaf in zip(
                 rule.ours, rule.from_hf(_read(state_dict, rule.hf_name)), strict=True
             ):
-                _set(params, path, leaf)
+                set_leaf(params, path, leaf)
             continue
         layers = [
             rule.from_hf(_read(state_dict, rule.hf_name.format(i=i)))
             for i in range(config.n_layers)
         ]
         for j, path in enumerate(rule.ours):
-            _set(params, path, np.stack([leaves[j] for leaves in layers]))
+            set_leaf(params, path, np.stack([leaves[j] for leaves in layers]))
     return params
 
 

@@ -84,11 +84,9 @@ class TrainHost:
         return jax.device_count()
 
     def train(self, config: TrainConfig, tokenize: str, output: str, queue: Queue | None) -> dict:
-        import logging as host_logging
-
         from stages.train.trainer import Trainer
 
-        host_logging.basicConfig(level=host_logging.INFO, format="%(message)s")
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
         trainer = Trainer(config, tokenize, output)
         sink = None if queue is None else queue.put
         result = trainer.train(sink)
@@ -199,6 +197,6 @@ def run_hosts(
                 ray.kill(host)
             ray.kill(queue.actor)
     raise HostsFailed(
-        f"training hosts failed {placement.max_restarts + 1} times; the last checkpoint in "
-        f"{output}/checkpoints is kept"
+        f"training hosts failed {placement.max_restarts + 1} times; the last checkpoint of "
+        f"{output} is kept"
     ) from failure

@@ -2,11 +2,11 @@
 
 Every host (JAX process) runs ``train`` with its own ``process_index``; together they form
 one global mesh. State (params, optimiser state, RNG) is saved with Orbax every
-``checkpoint_every`` steps together with the step and the loader position, and a run finds
-the latest checkpoint in ``{output}/checkpoints`` and continues from it: the batches, the
-updates and therefore the final parameters are the same as an uninterrupted run's (bitwise
-on CPU). SIGTERM (a preemption notice) to any host finishes the current step, and then all
-hosts save at one step they agree on and return.
+``checkpoint_every`` steps together with the step and the loader position (in the format of
+``stages.train.output``), and a run finds its latest checkpoint and continues from it: the
+batches, the updates and therefore the final parameters are the same as an uninterrupted
+run's (bitwise on CPU). SIGTERM (a preemption notice) to any host finishes the current step,
+and then all hosts save at one step they agree on and return.
 
 ``python -m stages.train.trainer CONFIG_JSON TOKENIZE_DIR OUTPUT_DIR`` runs one
 single-process host and prints one JSON line of metrics per step (the tests kill it).
@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import signal
 import sys
 import threading
@@ -37,25 +36,20 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from stages.tokenize import read_manifest
 from stages.train import optim, sharding
-from stages.train.config import TrainConfig
+from stages.train.config import TrainConfig, training_model_config
 from stages.train.loader import Loader, Position, load_split, validation_batches
-from stages.train.model_config import ModelConfig, param_count, preset
+from stages.train.model_config import ModelConfig, param_count
+from stages.train.output import (
+    checkpoints_dir,
+    restore_checkpoint,
+    restore_params,
+    save_checkpoint,
+    train_output_of,
+)
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"
-CHECKPOINT_CHUNK_BYTES = 16 * 1024**2
 Sink = Callable[[dict[str, float]], None]
-
-
-def chunked_save(state: dict) -> ocp.args.StandardSave:
-    """Orbax's save of ``state`` in zarr chunks of at most ``CHECKPOINT_CHUNK_BYTES``.
-
-    Orbax's default is one chunk per leaf, one zstd frame that one thread decompresses;
-    chunks are restored in parallel (restoring a one-chunk checkpoint took 2.4x the CPU time).
-    """
-    chunk = ocp.SaveArgs(chunk_byte_size=CHECKPOINT_CHUNK_BYTES)
-    return ocp.args.StandardSave(state, save_args=jax.tree.map(lambda _: chunk, state))
 
 
 @dataclass
@@ -72,19 +66,6 @@ class TrainResult:
     """Digest of the final float32 parameters (same on every host)."""
     losses: dict[int, float] = field(default_factory=dict)
     """Training loss of each step this run did."""
-
-
-def model_config(config: TrainConfig, vocab_size: int) -> ModelConfig:
-    """The preset with overrides, the run's compute dtype and float32 master params."""
-    model = preset(
-        config.model, **{**config.model_overrides, "dtype": config.dtype, "param_dtype": "float32"}
-    )
-    if model.vocab_size < vocab_size:
-        raise ValueError(
-            f"model {config.model} has {model.vocab_size} embeddings, the tokenizer "
-            f"{vocab_size} ids"
-        )
-    return model
 
 
 def flops_per_token(model: ModelConfig, seq_len: int) -> float:
@@ -114,6 +95,43 @@ def _process_columns(batch_sharding: NamedSharding, shape: tuple[int, ...]) -> s
     }
     start, stop = min(c[0] for c in columns), max(c[1] for c in columns)
     return slice(start, stop)
+
+
+@dataclass(frozen=True)
+class _Meter:
+    """Throughput and MFU of a step from its duration."""
+
+    tokens_per_step: int
+    flops_per_step: float
+    peak_flops: float
+    """FLOP/s of all devices together (configured, or measured on each host)."""
+
+    def record(self, seconds: float) -> dict[str, float]:
+        return {
+            "step_time": seconds,
+            "tokens_per_s": self.tokens_per_step / seconds,
+            "mfu": self.flops_per_step / seconds / self.peak_flops,
+        }
+
+
+@dataclass
+class _Progress:
+    """What a run's loop has done so far."""
+
+    step: int
+    meter: _Meter
+    """How a step's throughput is measured."""
+    preempted: bool = False
+    train_loss: float = math.nan
+    val_loss: float = math.nan
+    losses: dict[int, float] = field(default_factory=dict)
+    """Training loss of each step this run did."""
+
+    def done(self, loss: float, seconds: float) -> dict[str, float]:
+        """Count a finished step with its loss; its step number, time and throughput."""
+        self.losses[self.step] = self.train_loss = loss
+        self.step += 1
+        return {"step": self.step, **self.meter.record(seconds)}
 
 
 def _digest(params: dict) -> str:
@@ -168,7 +186,7 @@ class Trainer:
             jax.config.update("jax_compilation_cache_dir", config.compilation_cache)
         manifest = read_manifest(tokenize_dir)
         self.seq_len = int(manifest["seq_len"])
-        self.model = model_config(config, int(manifest["tokenizer"]["vocab_size"]))
+        self.model = training_model_config(config, int(manifest["tokenizer"]["vocab_size"]))
         self.mesh = sharding.make_mesh(*config.mesh.resolve(jax.device_count()))
         self.tx = optim.optimizer(config.optimizer, config.micro_batches)
         self.learning_rate = optim.schedule(config.optimizer)
@@ -206,7 +224,8 @@ class Trainer:
         self.init_opt = jax.jit(self.tx.init, out_shardings=self.opt_shardings)
 
     def initial_state(self) -> dict:
-        """Fresh params and optimiser state (or those of ``init_from``) and the RNG."""
+        """Fresh params and optimiser state and the RNG: what a run without a checkpoint or
+        ``init_from`` starts from."""
         with sharding.activation_sharding(self.mesh):
             params = sharding.init_sharded(self.model, self.mesh, _key(self.config.seed))
             state = {
@@ -221,34 +240,53 @@ class Trainer:
     def _abstract(self, state: dict) -> dict:
         return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
 
-    def _pretrained_args(self, state: dict) -> ocp.args.Composite:
-        """The whole state and step of ``init_from`` with ``init_optimizer``, else its params
-        alone, so a params-only checkpoint (an imported Hugging Face model) also serves."""
-        if self.config.init_optimizer:
-            return ocp.args.Composite(
-                state=ocp.args.StandardRestore(self._abstract(state)), meta=ocp.args.JsonRestore()
-            )
-        params = {"params": self._abstract(state)["params"]}
-        restore_args = ocp.checkpoint_utils.construct_restore_args(params)
-        return ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(
-                item=params, restore_args=restore_args, partial_restore=True
-            )
-        )
-
     def _from_pretrained(self, state: dict) -> tuple[dict, int]:
+        """The state and step to start from with ``init_from``: its whole state and step with
+        ``init_optimizer``, else its params alone (so a params-only checkpoint, an imported
+        Hugging Face model, also serves) at step 0."""
         source = self.config.init_from
         assert source is not None
-        directory = source if source.rstrip("/").endswith(CHECKPOINTS) else _join(source)
+        directory = checkpoints_dir(train_output_of(source))
+        abstract = self._abstract(state)
         with ocp.CheckpointManager(directory) as other:
             step = other.latest_step()
             if step is None:
                 raise FileNotFoundError(f"init_from {source}: no checkpoint in {directory}")
-            restored = other.restore(step, args=self._pretrained_args(state))
+            if self.config.init_optimizer:
+                state, start, _ = restore_checkpoint(other, step, abstract)
+            else:
+                params = restore_params(other, step, abstract["params"])
+                state, start = {**state, "params": params}, 0
         log.info("initialised from %s step %d", directory, step)
-        if self.config.init_optimizer:
-            return restored["state"], int(restored["meta"]["step"])
-        return {**state, "params": restored["state"]["params"]}, 0
+        return state, start
+
+    def _starting_state(self, manager: ocp.CheckpointManager) -> tuple[dict, int, Position]:
+        """State, step and loader position to start from: the latest checkpoint of this run,
+        else ``init_from``, else fresh."""
+        state = self.initial_state()
+        latest = manager.latest_step()
+        if latest is not None:
+            state, start, position = restore_checkpoint(manager, latest, self._abstract(state))
+            log.info("resumed from step %d (loader %s)", start, position)
+            return state, start, position
+        if self.config.init_from:
+            state, start = self._from_pretrained(state)
+            return state, start, Position()
+        return state, 0, Position()
+
+    def _loader(self, position: Position) -> Loader:
+        """The training rows from ``position`` on: this host's columns of each batch."""
+        width = self.columns.stop - self.columns.start
+        return Loader(
+            self.train_data,
+            self.config.global_batch,
+            self.config.micro_batches,
+            self.config.seed,
+            host_index=self.columns.start // width,
+            host_count=self.rows_shape[1] // width,
+            start=position,
+            mixture=self.mixture,
+        )
 
     def train(self, sink: Sink | None = None) -> TrainResult:
         """Run (or continue) the loop to ``config.steps``; ``sink`` gets metric records."""
@@ -257,7 +295,8 @@ class Trainer:
             max_to_keep=config.keep, keep_period=config.keep_every, create=True
         )
         preemption = _Preemption()
-        with ocp.CheckpointManager(_join(self.output), options=options) as manager:
+        directory = checkpoints_dir(self.output)
+        with ocp.CheckpointManager(directory, options=options) as manager:
             try:
                 return self._loop(manager, preemption, sink or (lambda _: None))
             finally:
@@ -266,105 +305,69 @@ class Trainer:
     def _loop(
         self, manager: ocp.CheckpointManager, preemption: _Preemption, sink: Sink
     ) -> TrainResult:
-        config = self.config
-        state = self.initial_state()
-        start, position = 0, Position()
-        latest = manager.latest_step()
-        if latest is not None:
-            restored = manager.restore(
-                latest,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(self._abstract(state)),
-                    meta=ocp.args.JsonRestore(),
-                ),
-            )
-            state, meta = restored["state"], restored["meta"]
-            start, position = int(meta["step"]), Position(**meta["loader"])
-            log.info("resumed from step %d (loader %s)", start, position)
-        elif config.init_from:
-            state, start = self._from_pretrained(state)
-        loader = Loader(
-            self.train_data,
-            config.global_batch,
-            config.micro_batches,
-            config.seed,
-            host_index=self.columns.start // (self.columns.stop - self.columns.start),
-            host_count=self.rows_shape[1] // (self.columns.stop - self.columns.start),
-            start=position,
-            mixture=self.mixture,
-        )
-        peak = self._peak_flops()
-        tokens_per_step = config.global_batch * self.seq_len
-        flops_token = flops_per_token(self.model, self.seq_len)
-        params, opt_state = state["params"], state["opt_state"]
-        losses: dict[int, float] = {}
-        val_loss, train_loss = math.nan, math.nan
-        step, preempted = start, False
+        state, start, position = self._starting_state(manager)
+        loader = self._loader(position)
+        progress = _Progress(step=start, meter=self._meter())
         try:
             with sharding.activation_sharding(self.mesh):
-                while step < config.steps and not (preempted := preemption.due(step)):
-                    began = time.perf_counter()
-                    rows = jax.make_array_from_process_local_data(
-                        self.rows_sharding, next(loader), self.rows_shape
-                    )
-                    params, opt_state, metrics = self.step_fn(
-                        params, opt_state, jnp.int32(step), rows
-                    )
-                    values = {k: float(v) for k, v in metrics.items()}
-                    train_loss = values["loss"]
-                    if not math.isfinite(train_loss):
-                        raise FloatingPointError(
-                            f"training loss is {train_loss} at step {step}; the last good "
-                            f"checkpoint is step {manager.latest_step()}"
-                        )
-                    seconds = time.perf_counter() - began
-                    losses[step] = train_loss
-                    step += 1
-                    record = {
-                        **values,
-                        "step": step,
-                        "step_time": seconds,
-                        "tokens_per_s": tokens_per_step / seconds,
-                        "mfu": flops_token * tokens_per_step / seconds / peak,
-                    }
-                    if step % config.val_every == 0 or step == config.steps:
-                        val_loss = self.validate(params)
-                        record["val_loss"] = val_loss
-                    if step % config.log_every == 0 or "val_loss" in record:
-                        sink(record)
-                    if step % config.checkpoint_every == 0 or step == config.steps:
-                        self._save(manager, step, params, opt_state, state["rng"], loader.position)
-                if preempted and manager.latest_step() != step:
-                    self._save(manager, step, params, opt_state, state["rng"], loader.position)
+                while progress.step < self.config.steps:
+                    if preemption.due(progress.step):
+                        progress.preempted = True
+                        break
+                    state = self._step(manager, loader, state, progress, sink)
+                if progress.preempted and manager.latest_step() != progress.step:
+                    self._save(manager, progress.step, state, loader.position)
         finally:
             loader.close()
             manager.wait_until_finished()
         return TrainResult(
-            step=step,
-            preempted=preempted,
+            step=progress.step,
+            preempted=progress.preempted,
             resumed_from=start,
-            train_loss=train_loss,
-            val_loss=val_loss,
-            params_sha256=_digest(params),
-            losses=losses,
+            train_loss=progress.train_loss,
+            val_loss=progress.val_loss,
+            params_sha256=_digest(state["params"]),
+            losses=progress.losses,
         )
 
-    def _save(
+    def _step(
         self,
         manager: ocp.CheckpointManager,
-        step: int,
-        params: dict,
-        opt_state: optax.OptState,
-        rng: jax.Array,
-        position: Position,
-    ) -> None:
-        state = {"params": params, "opt_state": opt_state, "rng": rng}
-        meta = {"step": step, "loader": position.to_dict()}
-        manager.save(
-            step,
-            args=ocp.args.Composite(state=chunked_save(state), meta=ocp.args.JsonSave(meta)),
-            force=True,
+        loader: Loader,
+        state: dict,
+        progress: _Progress,
+        sink: Sink,
+    ) -> dict:
+        """One optimiser step, then its metric record, validation and checkpoint when due."""
+        config, step = self.config, progress.step
+        began = time.perf_counter()
+        rows = jax.make_array_from_process_local_data(
+            self.rows_sharding, next(loader), self.rows_shape
         )
+        params, opt_state, metrics = self.step_fn(
+            state["params"], state["opt_state"], jnp.int32(step), rows
+        )
+        state = {"params": params, "opt_state": opt_state, "rng": state["rng"]}
+        values = {k: float(v) for k, v in metrics.items()}
+        if not math.isfinite(values["loss"]):
+            raise FloatingPointError(
+                f"training loss is {values['loss']} at step {step}; the last good "
+                f"checkpoint is step {manager.latest_step()}"
+            )
+        record = {**values, **progress.done(values["loss"], time.perf_counter() - began)}
+        step = progress.step
+        if step % config.val_every == 0 or step == config.steps:
+            progress.val_loss = record["val_loss"] = self.validate(params)
+        if step % config.log_every == 0 or "val_loss" in record:
+            sink(record)
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            self._save(manager, step, state, loader.position)
+        return state
+
+    def _save(
+        self, manager: ocp.CheckpointManager, step: int, state: dict, position: Position
+    ) -> None:
+        save_checkpoint(manager, step, state, position)
         log.info("checkpoint step %d", step)
 
     def validate(self, params: dict) -> float:
@@ -381,18 +384,17 @@ class Trainer:
             )
         return total / len(self.val_rows)
 
-    def _peak_flops(self) -> float:
+    def _meter(self) -> _Meter:
         if self.config.peak_flops_per_device:
-            return self.config.peak_flops_per_device * jax.device_count()
-        return measured_peak_flops() * jax.process_count()
+            peak = self.config.peak_flops_per_device * jax.device_count()
+        else:
+            peak = measured_peak_flops() * jax.process_count()
+        tokens = self.config.global_batch * self.seq_len
+        return _Meter(tokens, flops_per_token(self.model, self.seq_len) * tokens, peak)
 
 
 def _key(seed: int) -> jax.Array:
     return jax.random.key(seed)
-
-
-def _join(output: str) -> str:
-    return os.path.join(output, CHECKPOINTS) if "://" not in output else f"{output}/{CHECKPOINTS}"
 
 
 def main(argv: list[str] | None = None) -> None:
