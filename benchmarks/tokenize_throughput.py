@@ -53,8 +53,9 @@ from tiktoken.load import load_tiktoken_bpe
 
 from pipeline.ledger import Ledger
 from pipeline.stage import StageContext, Upstream
-from stages.tokenize.bpe import EOS, GPT2_EOS_ID, GPT2_PATTERN, load_gpt2
+from stages.tokenize.bpe import load_gpt2
 from stages.tokenize.stage import TOKENIZER_DIR, TOKENIZER_UNIT, TokenizeConfig, run
+from stages.tokenize.tokenizer import EOS, GPT2_EOS_ID, GPT2_PATTERN
 
 PARTS = 8
 T = TypeVar("T")
@@ -189,7 +190,8 @@ import numpy as np
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 sys.path.insert(0, {root!r})
-from stages.tokenize.bpe import EOS, GPT2_EOS_ID, GPT2_PATTERN, load_gpt2
+from stages.tokenize.bpe import load_gpt2
+from stages.tokenize.tokenizer import EOS, GPT2_EOS_ID, GPT2_PATTERN
 tokenizer = load_gpt2({ranks!r})
 encoding = tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=load_tiktoken_bpe(
     {ranks!r}), special_tokens={{EOS: GPT2_EOS_ID}}, explicit_n_vocab=GPT2_EOS_ID + 1)

@@ -308,3 +308,23 @@ def writer(uri: str) -> Iterator[IO[bytes]]:
         delete(tmp)
         raise
     commit(tmp, uri)
+
+
+@contextlib.contextmanager
+def new_local_directory(dest: str, purpose: str) -> Iterator[str]:
+    """A hidden sibling of ``dest`` (a new local directory) to build it in, renamed into
+    place if the block succeeds and removed if it fails; ``purpose`` (import, export) is
+    named when ``dest`` exists already."""
+    dest = os.path.abspath(local_path(dest))
+    if os.path.exists(dest):
+        raise FileExistsError(f"{dest} exists; {purpose} writes a new directory")
+    parent = os.path.dirname(dest)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(dest)}.partial-{uuid.uuid4().hex}")
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        os.rename(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

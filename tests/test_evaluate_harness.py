@@ -23,7 +23,8 @@ from stages.evaluate import metrics
 from stages.evaluate.harness import bucket, encode_pair, model_input, rolling_windows, split_prefix
 from stages.evaluate.lm import JaxLM, _batches
 from stages.evaluate.tasks import TaskDataError, evaluate_task, load_documents
-from stages.tokenize.bpe import Tokenizer, train_bpe
+from stages.tokenize.bpe import train_bpe
+from stages.tokenize.tokenizer import Tokenizer
 from stages.train.model import forward, init_params
 from stages.train.model_config import gptj
 from stages.train.output import write_checkpoint

@@ -34,7 +34,8 @@ from stages.evaluate.tasks import (
     evaluate_task,
     load_documents,
 )
-from stages.tokenize.bpe import load_tokenizer, train_bpe
+from stages.tokenize.bpe import train_bpe
+from stages.tokenize.tokenizer import load_tokenizer
 from stages.train.generate import generate
 from stages.train.model import init_params
 from stages.train.model_config import ModelConfig, gptj

@@ -13,14 +13,8 @@ import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 from tokenizers import Tokenizer as HFTokenizer
 
-from stages.tokenize.bpe import (
-    GPT2_PATTERN,
-    TokenizerError,
-    load_gpt2,
-    load_tokenizer,
-    safe_chunks,
-    train_bpe,
-)
+from stages.tokenize.bpe import load_gpt2, train_bpe
+from stages.tokenize.tokenizer import GPT2_PATTERN, TokenizerError, load_tokenizer, safe_chunks
 from tests.httpserver import FileServer
 from tests.tokenize_data import ADVERSARIAL, gpt2_ranks_path, random_texts, stdlib_texts
 

@@ -26,7 +26,8 @@ import tiktoken_ext.openai_public
 from pipeline.ledger import Ledger
 from pipeline.stage import StageContext, Upstream
 from stages.tokenize import TokenizeConfig, run
-from stages.tokenize.bpe import TokenizerError, load_gpt2
+from stages.tokenize.bpe import load_gpt2
+from stages.tokenize.tokenizer import TokenizerError
 from tests.autoscaling import free_port
 from tests.tokenize_data import ADVERSARIAL, gpt2_ranks_path, stdlib_texts, write_part
 

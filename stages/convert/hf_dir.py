@@ -44,7 +44,6 @@ from pipeline import storage
 from stages.convert.layout import SAFETENSORS_DTYPES, ConvertError, check_dtype, hf_tensor_shapes
 from stages.train.hf_mapping import config_from_hf, hf_config, iter_hf_tensors, params_from_hf
 from stages.train.model_config import ModelConfig
-from stages.train.output import new_local_directory
 from stages.train.params import Params, Shape, check_params
 
 log = logging.getLogger(__name__)
@@ -271,7 +270,7 @@ def new_directory(dest: str) -> Iterator[Opener]:
             storage.delete(dest, recursive=True)
             raise
         return
-    with new_local_directory(dest, "export") as tmp:
+    with storage.new_local_directory(dest, "export") as tmp:
         # The caller's with-block closes each file.
         yield lambda name: open(os.path.join(tmp, name), "wb")  # noqa: SIM115
 

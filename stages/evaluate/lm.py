@@ -31,7 +31,7 @@ from tqdm import tqdm
 from pipeline import storage
 from stages.convert.hf_dir import CONFIG, import_hf
 from stages.evaluate.harness import Scored, bucket, encode_pair, rolling_windows, split_prefix
-from stages.tokenize.bpe import DESCRIPTOR, HF_TOKENIZER, RANKS, Tokenizer, TokenizerError
+from stages.tokenize.tokenizer import DESCRIPTOR, HF_TOKENIZER, RANKS, Tokenizer, TokenizerError
 from stages.train.model import KVCache, Transformer
 from stages.train.model_config import ModelConfig
 from stages.train.optim import logsumexp

@@ -22,7 +22,7 @@ from lm_eval.api.registry import register_model
 from pipeline import storage
 from stages.convert.hf_dir import CONFIG
 from stages.evaluate.lm import JaxLM
-from stages.tokenize.bpe import load_tokenizer
+from stages.tokenize.tokenizer import load_tokenizer
 from stages.train.generate import generate
 
 DEFAULT_MAX_GEN_TOKS = 256

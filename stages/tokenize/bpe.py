@@ -1,4 +1,4 @@
-"""Making the tokenize stage's tokenizers, and the names other stages import for them.
+"""Making the tokenize stage's tokenizers.
 
 - GPT-2's byte-level BPE (``load_gpt2``): its ranks come from a tiktoken ranks file (path or
   URL), tiktoken's registry (``gpt2``, when the machine can reach it) or a Hugging Face
@@ -7,7 +7,7 @@
 - A byte-level BPE trained with Hugging Face ``tokenizers`` on a corpus (``train_bpe``).
 
 Either is returned as a ``Tokenizer`` (``tokenizer``: its files, its engine, and
-``load_tokenizer`` for the saved copy), re-exported here with its file names and errors.
+``load_tokenizer`` for the saved copy).
 """
 
 from __future__ import annotations
@@ -38,27 +38,9 @@ from stages.tokenize.tokenizer import (
     RANKS,
     Tokenizer,
     TokenizerError,
-    load_tokenizer,
     parse_ranks,
     ranks_file,
-    safe_chunks,
 )
-
-__all__ = [
-    "DESCRIPTOR",
-    "EOS",
-    "GPT2_EOS_ID",
-    "GPT2_PATTERN",
-    "HF_TOKENIZER",
-    "RANKS",
-    "Tokenizer",
-    "TokenizerError",
-    "gpt2_from_ranks",
-    "load_gpt2",
-    "load_tokenizer",
-    "safe_chunks",
-    "train_bpe",
-]
 
 
 def gpt2_from_ranks(ranks: dict[bytes, int], model_max_length: int = 2048) -> Tokenizer:

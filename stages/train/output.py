@@ -23,10 +23,7 @@ that ``init_from`` starts from.
 from __future__ import annotations
 
 import os
-import shutil
-import uuid
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -222,32 +219,12 @@ def load_params(
         return config, reader.read_all()
 
 
-@contextmanager
-def new_local_directory(dest: str, writer: str) -> Iterator[str]:
-    """A hidden sibling of ``dest`` (a new local directory) to build it in, renamed into
-    place if the block succeeds and removed if it fails; ``writer`` (import, export) is
-    named when ``dest`` exists already."""
-    dest = os.path.abspath(storage.local_path(dest))
-    if os.path.exists(dest):
-        raise FileExistsError(f"{dest} exists; {writer} writes a new directory")
-    parent = os.path.dirname(dest)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(dest)}.partial-{uuid.uuid4().hex}")
-    os.makedirs(tmp)
-    try:
-        yield tmp
-        os.rename(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def write_checkpoint(params: Params, config: ModelConfig, dest: str, step: int = 0) -> None:
     """``params`` (numpy) as a params-only train output at the new local directory ``dest``,
     built in a hidden sibling and renamed into place."""
     if storage.is_gcs(dest):
         raise ModelFormatError(f"{dest}: import writes a local checkpoint directory")
-    with new_local_directory(dest, "import") as tmp:
+    with storage.new_local_directory(dest, "import") as tmp:
         options = ocp.CheckpointManagerOptions(create=True)
         with ocp.CheckpointManager(checkpoints_dir(tmp), options=options) as manager:
             save_checkpoint(manager, step, {"params": params}, Position())
