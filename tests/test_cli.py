@@ -19,6 +19,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from pipeline import lineage
 from stages.demo_corpus import CHECKSUMS, DemoCorpusConfig, build_demo_corpus
@@ -93,8 +94,13 @@ def test_demo_download_runs_skips_and_forces(tmp_path):
     assert produced.data.tags[lineage.TAG_FINGERPRINT] == report["fingerprint"]
     assert produced.data.metrics["files"] == len(expected)
     assert produced.data.metrics["bytes"] == sum(len(b) for b in expected.values())
-    sources = {d.dataset.name: d.dataset for d in produced.inputs.dataset_inputs}
+    inputs = {"source": {}, "input": {}}
+    for d in produced.inputs.dataset_inputs:
+        context = {t.key: t.value for t in d.tags}[MLFLOW_DATASET_CONTEXT]
+        inputs[context][d.dataset.name] = d.dataset
+    sources = inputs["source"]
     assert set(sources) == set(expected)
+    assert list(inputs["input"]) == [os.path.basename(mirror)]
     assert json.loads(sources["val.jsonl.zst"].source)["uri"].startswith(mirror)
     digest = json.loads(sources["val.jsonl.zst"].profile)["digest"]
     assert digest == next(f["sha256"] for f in manifest["files"] if f["name"] == "val.jsonl.zst")
