@@ -6,7 +6,7 @@ and one CPU, and a worker node with one CPU), on their own ports and temp dir, w
 authentication on. Nothing else is touched: no ``ray stop``; teardown ends the process
 groups we started and the processes naming our GCS address.
 
-``configs/demo.yaml`` (all six stages, on a smaller corpus, four training steps and a small
+``configs/demo.yaml`` (all its stages, on a smaller corpus, four training steps and a small
 evaluation; dedup with ``shared_filesystem``: both nodes see this machine's disk) is submitted
 once undisturbed, logging to a real ``mlflow server`` on 127.0.0.1: it must SUCCEED with its
 stage actors on both nodes, and every stage's child run (config, output digest, metrics,
@@ -185,7 +185,7 @@ def cluster() -> Iterator[LoopbackCluster]:
 
 
 DEMO = ROOT / "configs" / "demo.yaml"
-STAGES = ("download", "dedup", "tokenize", "train", "convert", "evaluate")
+STAGES = ("demo_corpus", "download", "dedup", "tokenize", "train", "convert", "evaluate")
 DOWNSTREAM = ("train", "convert", "evaluate")
 
 
