@@ -163,7 +163,7 @@ def test_gcp_ray_pin_matches_kuberay_and_image(gcp: dict[str, Any]) -> None:
     assert cluster["spec"]["rayVersion"] == pin
     dockerfile = (KUBERAY / "Dockerfile").read_text()
     assert f"FROM rayproject/ray:{pin}-py311" in dockerfile
-    assert f'"ray[data,default]=={pin}"' in dockerfile
+    assert f'"ray[data,default,train]=={pin}"' in dockerfile
     assert pin.split(".")[:2] == ray.__version__.split(".")[:2], "tests run another Ray"
 
 

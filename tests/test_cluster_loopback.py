@@ -274,6 +274,21 @@ def stage_states(config: Path) -> dict[str, str]:
     return {report["stage"]: report["state"] for report in json.loads(out)}
 
 
+def train_controllers(cluster: LoopbackCluster) -> list[dict]:
+    """Ray Train's controller actors on the cluster, as ``ray list actors`` shows them: one
+    per training run, alive or finished."""
+    listed = subprocess.run(
+        [sys.executable, "-m", "ray.scripts.scripts", "list", "actors", "--format", "json"]
+        + ["--address", cluster.dashboard]
+        + ["--filter", "class_name=TrainController"],
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return json.loads(listed)
+
+
 def output(root: Path, stage: str) -> str:
     return str(next(root.glob(f"{stage}-*")))
 
@@ -308,6 +323,8 @@ def test_demo_submitted_spreads_over_nodes_and_a_forced_stage_survives_a_node_ki
     nodes = {node["node_id"] for node in cluster.alive_nodes() or []}
     assert {status.node for status in first.values()} == nodes
     assert_lineage_over_http(MlflowClient(tracking_uri=tracking), first)
+    # The train stage ran as a Ray Train run.
+    assert train_controllers(cluster)
 
     log = tmp_path / "rerun.log"
     loaded = load_config(str(config))

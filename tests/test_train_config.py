@@ -21,7 +21,7 @@ def test_gptj_6b_pile_train_section_is_6b_roto_256() -> None:
     # tpu_size 256 / cores_per_replica 8 = 32 replicas x per_replica_batch 1 x GAS 16.
     assert config.mesh.resolve(256) == (32, 1, 8)
     assert (config.global_batch, config.micro_batches) == (512, 16)
-    assert config.placement.hosts * config.placement.devices_per_host * 2 == 256
+    assert config.placement.workers() * config.placement.chips_per_worker() * 2 == 256
     opt = config.optimizer
     assert (opt.lr, opt.end_lr, opt.warmup_steps, opt.anneal_steps) == (
         1.2e-4,

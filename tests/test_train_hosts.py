@@ -1,8 +1,9 @@
-"""Failures of one host in a 2-host run (2 Ray actors x 2 virtual CPU devices, jax.distributed
-over 127.0.0.1): SIGTERM to one host stops both at one agreed step with a checkpoint; in the
-rerun a host actor killed by ``ray.kill`` restarts the whole group from the last checkpoint;
-the run ends with parameters bit-identical to an uninterrupted run's and the same loss at
-every step."""
+"""Failures of one host in a 2-host run (a Ray Train worker group of 2 workers x 2 virtual CPU
+devices, jax.distributed over 127.0.0.1): SIGTERM to one worker stops both at one agreed step
+with a checkpoint; in the rerun a worker process killed with SIGKILL restarts the whole group
+from the last checkpoint; the run ends with parameters bit-identical to an uninterrupted
+run's and the same loss at every step. A group that fails more often than ``max_restarts``
+fails the stage, naming the checkpoint a rerun resumes from."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import ray
 from pipeline.ledger import Ledger
 from pipeline.stage import StageContext, Upstream
 from stages.train.config import TrainConfig
+from stages.train.hosts import HostsFailed
 from stages.train.stage import Preempted, run
 from tests.train_data import write_tokenized
 
@@ -83,20 +85,12 @@ def straight(
     return summary, {int(r["step"]): r["loss"] for r in logged}
 
 
-def alive_hosts(index: int) -> dict[str, str]:
-    """Attempt id -> actor name of the live ``TrainHost`` actors of host ``index``."""
-    found = {}
-    for name in ray.util.list_named_actors():
-        matched = re.fullmatch(rf"train-host-{index}-(\w+)", name)
-        if matched:
-            found[matched.group(1)] = name
-    return found
-
-
-def host_pid(name: str) -> int:
-    """The process id of the live actor ``name`` (Ray's GCS actor table)."""
+def a_worker_pid() -> int:
+    """The process id of one live Ray Train worker of the run (the last one started)."""
     table = ray._private.state.actors(actor_state_name="ALIVE")
-    return next(int(info["Pid"]) for info in table.values() if info["Name"] == name)
+    pids = [int(i["Pid"]) for i in table.values() if i["ActorClassName"] == "RayTrainWorker"]
+    assert len(pids) == 2, table
+    return max(pids)
 
 
 def check_losses(logged: list[dict[str, float]], expected: dict[int, float]) -> None:
@@ -113,13 +107,12 @@ def test_sigterm_to_one_host_then_a_killed_host_resume_to_identical_params(
     def preempt_host_1(record: dict[str, float]) -> None:
         logged.append(record)
         if record["step"] == 5:
-            (name,) = alive_hosts(1).values()
-            os.kill(host_pid(name), signal.SIGTERM)
+            os.kill(a_worker_pid(), signal.SIGTERM)
 
     with pytest.raises(Preempted, match=r"preempted at step \d+") as stopped:
         train(config, tokenized, out, preempt_host_1)
     step = int(re.search(r"step (\d+)", str(stopped.value)).group(1))
-    # Both hosts stopped at the step they agreed on (run_hosts checks every host's end)
+    # Both hosts stopped at the step they agreed on (every worker checks every host's end)
     # and saved it; a host that stopped alone would have left the other in a collective.
     assert 5 < step < STEPS and int(logged[-1]["step"]) == step
     saved = sorted(int(s) for s in os.listdir(out / "checkpoints"))
@@ -131,14 +124,13 @@ def test_sigterm_to_one_host_then_a_killed_host_resume_to_identical_params(
     # surely complete (saving the next one waited for it), and the group restarts from it.
     complete = (step // EVERY + 1) * EVERY
     rerun: list[dict[str, float]] = []
-    killed: list[str] = []
+    killed: list[int] = []
 
     def kill_host_1(record: dict[str, float]) -> None:
         rerun.append(record)
         if not killed and record["step"] > complete + EVERY:
-            (name,) = alive_hosts(1).values()
-            ray.kill(ray.get_actor(name))
-            killed.append(name)
+            killed.append(a_worker_pid())
+            os.kill(killed[-1], signal.SIGKILL)
 
     summary = train(config, tokenized, out, kill_host_1)
     assert killed and summary == straight[0]
@@ -147,3 +139,24 @@ def test_sigterm_to_one_host_then_a_killed_host_resume_to_identical_params(
     restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
     assert steps[restart] - 1 >= complete and (steps[restart] - 1) % EVERY == 0
     check_losses(rerun, straight[1])
+
+
+def test_a_group_failing_past_max_restarts_names_the_checkpoint_kept(
+    straight: tuple[dict, dict[int, float]], config: TrainConfig, tokenized: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "train"
+    no_restarts = config.model_copy(
+        update={"placement": config.placement.model_copy(update={"max_restarts": 0})}
+    )
+    killed: list[int] = []
+
+    def kill_after_a_checkpoint(record: dict[str, float]) -> None:
+        if not killed and record["step"] > 2 * EVERY:
+            killed.append(a_worker_pid())
+            os.kill(killed[-1], signal.SIGKILL)
+
+    with pytest.raises(HostsFailed, match=r"failed 1 time\(s\), 0 restart") as failed:
+        train(no_restarts, tokenized, out, kill_after_a_checkpoint)
+    saved = max(int(s) for s in os.listdir(out / "checkpoints") if s.isdigit())
+    assert saved >= EVERY and killed
+    assert f"the checkpoint of step {saved} in {out / 'checkpoints'} is kept" in str(failed.value)

@@ -113,30 +113,60 @@ class MeshConfig(BaseModel):
 
 
 class PlacementConfig(BaseModel):
-    """Where the host actors run: one Ray actor per host, the same training code on each."""
+    """Where the training workers run: a Ray Train worker group, one worker (one JAX process)
+    per host, the same training code on each."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
     platform: Literal["cpu", "gpu", "tpu"] = "cpu"
-    """cpu: ``hosts`` local processes with virtual devices joined over 127.0.0.1 (gloo);
-    gpu: one actor per node holding ``devices_per_host`` GPUs; tpu: one actor per TPU VM
-    host of a ``tpu_type`` slice, placed with its ``TPU-{tpu_type}-head`` resource."""
+    """cpu: ``hosts`` local workers with ``devices_per_host`` virtual devices each, joined over
+    127.0.0.1 (gloo); gpu: ``hosts`` workers, one per node, each with ``devices_per_host``
+    GPUs; tpu: a worker per TPU VM host of ``slices`` slices of ``topology``."""
     hosts: int = Field(default=1, gt=0)
-    """Host actors (JAX processes). On TPU, the slice's host count (e.g. 4 for v4-32)."""
+    """Workers on CPU and GPU; on TPU the slices' hosts, which Ray's tables give."""
     devices_per_host: int = Field(default=1, gt=0)
-    """Devices per host: virtual CPU devices, GPUs per node, or TPU chips per host."""
+    """Virtual CPU devices or GPUs per worker; on TPU the chips per host, from Ray's tables."""
     cpus_per_host: float = Field(default=1, ge=0)
-    """CPUs each host actor reserves."""
-    tpu_type: str | None = None
-    """TPU slice type (e.g. ``v4-32``) whose head resource pins host 0's slice."""
+    """CPUs each CPU or GPU worker reserves."""
+    topology: str | None = None
+    """TPU slice topology as Ray names it, e.g. ``2x2x4`` (v4-32), ``4x4x4`` (v5p-128)."""
+    accelerator_type: str | None = None
+    """TPU generation as Ray names it: ``TPU-V3``, ``TPU-V4``, ``TPU-V5P``,
+    ``TPU-V5LITEPOD``, ``TPU-V6E``."""
+    slices: int = Field(default=1, gt=0)
+    """TPU slices, joined by data parallelism over the data-centre network (the mesh's
+    ``slice`` axis)."""
     max_restarts: int = Field(default=2, ge=0)
-    """Times all hosts are restarted from the last checkpoint after one dies, then fail."""
+    """Times the worker group is restarted from the last checkpoint after a worker fails."""
 
     @model_validator(mode="after")
     def _check(self) -> PlacementConfig:
-        if self.platform == "tpu" and not self.tpu_type:
-            raise ValueError("platform tpu needs tpu_type (e.g. v4-32)")
+        tpu_fields = (self.topology, self.accelerator_type)
+        if self.platform == "tpu" and None in tpu_fields:
+            raise ValueError(
+                "platform tpu needs topology and accelerator_type (e.g. 2x2x4, TPU-V4)"
+            )
+        if self.platform != "tpu" and (tpu_fields != (None, None) or self.slices != 1):
+            raise ValueError("topology, accelerator_type and slices are for platform tpu")
         return self
+
+    def workers(self) -> int:
+        """JAX processes: every host of every TPU slice, else ``hosts``."""
+        return self._tpu_layout()[0] if self.platform == "tpu" else self.hosts
+
+    def chips_per_worker(self) -> int:
+        """Devices of one JAX process: a TPU host's chips, else ``devices_per_host``."""
+        return (
+            int(self._tpu_layout()[1]["TPU"]) if self.platform == "tpu" else self.devices_per_host
+        )
+
+    def _tpu_layout(self) -> tuple[int, dict[str, float]]:
+        """Workers and each one's resources, from Ray's TPU tables (``ray.util.tpu``)."""
+        from ray.util.tpu import get_tpu_worker_resources
+
+        return get_tpu_worker_resources(
+            self.topology, self.accelerator_type, num_slices=self.slices
+        )
 
 
 class TrainConfig(StageConfig):

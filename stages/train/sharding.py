@@ -1,8 +1,9 @@
 """The one table from logical axis names to mesh axes, and helpers that apply it.
 
-Mesh axes: ``data`` (pure data parallel), ``fsdp`` (data parallel whose replicas also split
-the parameters and optimizer state) and ``model`` (tensor parallel over heads, MLP width
-and vocabulary, as mesh-transformer-jax split GPT-J). The model names logical axes only;
+Mesh axes: ``slice`` (data parallel across TPU slices, over the data-centre network),
+``data`` (pure data parallel), ``fsdp`` (data parallel whose replicas also split the
+parameters and optimizer state) and ``model`` (tensor parallel over heads, MLP width and
+vocabulary, as mesh-transformer-jax split GPT-J). The model names logical axes only;
 this module is the single place that says where they go.
 """
 
@@ -15,18 +16,19 @@ from functools import partial
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 
 from stages.train.model import init_params
 from stages.train.model_config import ModelConfig
 
-MESH_AXES = ("data", "fsdp", "model")
+MESH_AXES = ("slice", "data", "fsdp", "model")
 
 # Priority order matters: flax gives each logical axis the first rule whose mesh axes are
 # still free in that array. Activations are (batch, length, embed): batch takes fsdp first,
 # so their embed dim stays whole, while parameters' embed dim is split over fsdp.
 LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("batch", ("data", "fsdp")),
+    ("batch", ("slice", "data", "fsdp")),
     ("vocab", "model"),
     ("heads", "model"),
     ("mlp", "model"),
@@ -38,12 +40,21 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 
 
 def make_mesh(
-    data: int = 1, fsdp: int = 1, model: int = 1, devices: Sequence[jax.Device] | None = None
+    data: int = 1,
+    fsdp: int = 1,
+    model: int = 1,
+    devices: Sequence[jax.Device] | None = None,
+    slices: int = 1,
 ) -> Mesh:
-    """A (data, fsdp, model) mesh over ``devices`` (default: the first data*fsdp*model)."""
-    shape = (data, fsdp, model)
-    n = data * fsdp * model
+    """A (slice, data, fsdp, model) mesh: ``slices`` copies of a (data, fsdp, model) mesh
+    within a slice, over ``devices`` (default: the first slices*data*fsdp*model)."""
+    shape = (slices, data, fsdp, model)
+    n = slices * data * fsdp * model
     axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    if devices is None and slices > 1:
+        # Within each slice along the interconnect, across slices over the network.
+        grid = mesh_utils.create_hybrid_device_mesh((1, data, fsdp, model), (slices, 1, 1, 1))
+        return Mesh(grid, MESH_AXES, axis_types=axis_types)
     if devices is None and n == jax.device_count():
         # Over a whole slice, jax.make_mesh orders devices along the physical interconnect.
         return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types)

@@ -146,18 +146,19 @@ def _digest(params: dict) -> str:
 class _Preemption:
     """Decides before each step whether to save and stop for a preemption notice (SIGTERM).
 
-    One process: its own SIGTERM handler. Several (``jax.distributed``): JAX's preemption
-    sync service, whose SIGTERM handler ``jax.distributed.initialize`` installed (so none is
-    installed here, which would replace it): the host that gets the signal tells the
+    A process on its own (``python -m stages.train.trainer``): its own SIGTERM handler. A
+    process that joined ``jax.distributed`` (every Ray Train worker, even alone): JAX's
+    preemption sync service, whose SIGTERM handler ``jax.distributed.initialize`` installed
+    (so none is installed here, which would replace it): the host that gets the signal tells the
     coordinator, and ``reached_preemption_sync_point`` turns true on every host at the same
     step, one past the furthest any host had reached. All hosts then save the same checkpoint
     and stop together; none is left waiting in a collective for a host that has gone.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, sync: bool) -> None:
         self.requested = threading.Event()
         self._previous = None
-        self._shared = jax.process_count() > 1
+        self._shared = sync or jax.process_count() > 1
         if not self._shared and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
 
@@ -187,7 +188,9 @@ class Trainer:
         manifest = read_manifest(tokenize_dir)
         self.seq_len = int(manifest["seq_len"])
         self.model = training_model_config(config, int(manifest["tokenizer"]["vocab_size"]))
-        self.mesh = sharding.make_mesh(*config.mesh.resolve(jax.device_count()))
+        slices = config.placement.slices
+        per_slice = config.mesh.resolve(jax.device_count() // slices)
+        self.mesh = sharding.make_mesh(*per_slice, slices=slices)
         self.tx = optim.optimizer(config.optimizer, config.micro_batches)
         self.learning_rate = optim.schedule(config.optimizer)
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
@@ -288,13 +291,14 @@ class Trainer:
             mixture=self.mixture,
         )
 
-    def train(self, sink: Sink | None = None) -> TrainResult:
-        """Run (or continue) the loop to ``config.steps``; ``sink`` gets metric records."""
+    def train(self, sink: Sink | None = None, preemption_sync: bool = False) -> TrainResult:
+        """Run (or continue) the loop to ``config.steps``; ``sink`` gets metric records.
+        ``preemption_sync``: this process joined ``jax.distributed`` (see ``_Preemption``)."""
         config = self.config
         options = ocp.CheckpointManagerOptions(
             max_to_keep=config.keep, keep_period=config.keep_every, create=True
         )
-        preemption = _Preemption()
+        preemption = _Preemption(preemption_sync)
         directory = checkpoints_dir(self.output)
         with ocp.CheckpointManager(directory, options=options) as manager:
             try:
