@@ -1,4 +1,4 @@
-"""The train stage on Ray: 2 host actors x 2 virtual CPU devices joined by
+"""The train stage on Ray Train: 2 workers x 2 virtual CPU devices joined by
 jax.distributed over 127.0.0.1 train like 1 process x 4 devices on the same data, log
 metrics through the stage context, and write the model config and summary."""
 

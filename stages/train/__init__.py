@@ -9,7 +9,7 @@
   model config, Orbax checkpoints (saving, restoring, ``CheckpointReader``, ``load_params``)
   and the summary; convert, evaluate and the trainer's ``init_from`` all read through it.
 - ``config``, ``optim``, ``loader``, ``trainer``, ``hosts``, ``malloc``, ``memory``: the
-  training recipe, its loop and its Ray host actors.
+  training recipe, its loop, and its Ray Train worker group (``hosts``).
 - ``stage``: registers the pipeline stage.
 
 Importing this package stays light: the stage loads JAX only when it runs.

@@ -2,7 +2,7 @@
 model config a run trains (``training_model_config``).
 
 Only pydantic here (no JAX), so the stage registry and the executor import it cheaply; the
-host actors import the JAX code.
+training workers import the JAX code.
 """
 
 from __future__ import annotations
@@ -183,7 +183,7 @@ class TrainConfig(StageConfig):
     mesh: MeshConfig = MeshConfig()
     """Device mesh over all hosts' devices."""
     placement: PlacementConfig = PlacementConfig()
-    """How many host actors, where, with which devices."""
+    """How many training workers, where, with which devices."""
     global_batch: int = Field(gt=0)
     """Sequences per optimiser step, over all hosts and micro-batches."""
     micro_batches: int = Field(default=1, gt=0)

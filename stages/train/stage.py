@@ -1,4 +1,4 @@
-"""The train stage: the model config, then Ray host actors training to ``steps``, then a
+"""The train stage: the model config, then a Ray Train worker group training to ``steps``, then a
 summary.
 
 Output (``{out}``): the model config, Orbax checkpoints and a summary, in the format that
