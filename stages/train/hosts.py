@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.25
 """How often the stage forwards rank 0's metric records while the workers train."""
+Sink = Callable[[dict[str, float]], None]
 RUNS_DIR = "ray_train"
 """Where in the train output Ray Train keeps its run state (its storage marker only: no
 checkpoint is reported to it)."""
@@ -117,9 +118,9 @@ def worker_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     if config.placement.platform == "cpu":
         _join_cpu_processes()
     trainer = Trainer(config, loop_config["tokenize"], loop_config["output"])
-    queue: Queue | None = loop_config["queue"]
+    queue: Queue = loop_config["queue"]
     rank = ray.train.get_context().get_world_rank()
-    sink = queue.put if rank == 0 and queue is not None else None
+    sink = queue.put if rank == 0 else None
     result = trainer.train(sink, preemption_sync=True)
     end = np.asarray([result.step, int(result.preempted)])
     multihost_utils.assert_equal(end, "train hosts stopped at different (step, preempted)")
@@ -129,7 +130,7 @@ def worker_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     return {**result.__dict__, "losses": dict(result.losses)}
 
 
-def _drain(queue: Queue, sink: Callable[[dict[str, float]], None]) -> None:
+def _drain(queue: Queue, sink: Sink) -> None:
     while True:
         try:
             records = queue.get_nowait_batch(queue.qsize())
@@ -141,7 +142,8 @@ def _drain(queue: Queue, sink: Callable[[dict[str, float]], None]) -> None:
             sink(record)
 
 
-def _forward_until(done: threading.Event, queue: Queue, sink: Callable) -> None:
+def _forward_until(done: threading.Event, queue: Queue, sink: Sink) -> None:
+    """Forward the queue's records to ``sink`` until ``done`` is set, then what is left."""
     while not done.wait(POLL_SECONDS):
         _drain(queue, sink)
     _drain(queue, sink)
@@ -159,9 +161,7 @@ def _kept_checkpoint(output: str) -> str:
     return f"the checkpoint of step {step} in {checkpoints_dir(output)} is kept"
 
 
-def run_hosts(
-    config: TrainConfig, tokenize: str, output: str, sink: Callable[[dict[str, float]], None]
-) -> dict:
+def run_hosts(config: TrainConfig, tokenize: str, output: str, sink: Sink) -> dict:
     """Train on the placement's workers; rank 0's metric records go to ``sink`` while they
     train. Returns rank 0's result."""
     placement = config.placement
