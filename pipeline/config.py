@@ -40,6 +40,10 @@ class PipelineConfig(BaseModel):
     """A RUNNING status not renewed for this long is stale and may be taken over."""
     max_restarts: int = Field(default=2, ge=0)
     """How often Ray restarts a stage actor that died; the stage resumes from its ledger."""
+    compilation_cache: str | None = "compilation-cache"
+    """Where stages keep the programs they compile, so a restarted, resumed or repeated stage
+    loads them instead of compiling again (JAX's persistent compilation cache); a relative
+    path is under ``root``; null turns it off."""
     stage_modules: tuple[str, ...] = ("stages.all",)
     """Modules imported to register stages (a plugin adds its module here)."""
     stages: dict[str, StageConfig] = Field(default_factory=dict)
@@ -47,6 +51,12 @@ class PipelineConfig(BaseModel):
 
     def stage_root(self) -> str:
         return storage.absolute(self.root)
+
+    def resolved_compilation_cache(self) -> str | None:
+        cache = self.compilation_cache
+        if cache is None or storage.is_gcs(cache) or os.path.isabs(cache):
+            return cache
+        return storage.join(self.stage_root(), cache)
 
     def resolved_tracking_uri(self) -> str:
         if self.tracking_uri:

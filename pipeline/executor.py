@@ -227,6 +227,7 @@ def _produce(
                 output=stage.output,
                 inputs={u.stage: u for u in inputs},
                 ledger=ledger,
+                compilation_cache=config.resolved_compilation_cache(),
                 metric_sink=run.log_metrics,
                 log_sources=run.log_sources,
                 log_artifact=run.log_artifact,

@@ -100,6 +100,8 @@ class StageContext:
     inputs: dict[str, Upstream]
     """Upstream stage name -> its finished output (an optional input only when configured)."""
     ledger: Ledger
+    compilation_cache: str | None = None
+    """Where compiled programs are kept across processes and runs (None: not kept)."""
     metric_sink: Callable[[dict[str, float]], None] = lambda metrics: None
     """Where ``log_metrics`` sends metrics (the stage's MLflow run)."""
     log_sources: Callable[[list[Source]], None] = lambda sources: None

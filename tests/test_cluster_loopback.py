@@ -323,8 +323,10 @@ def test_demo_submitted_spreads_over_nodes_and_a_forced_stage_survives_a_node_ki
     nodes = {node["node_id"] for node in cluster.alive_nodes() or []}
     assert {status.node for status in first.values()} == nodes
     assert_lineage_over_http(MlflowClient(tracking_uri=tracking), first)
-    # The train stage ran as a Ray Train run.
+    # The train stage ran as a Ray Train run, and the programs it and evaluate compiled are
+    # in the pipeline's compilation cache for the next run.
     assert train_controllers(cluster)
+    assert list((root / "compilation-cache").iterdir())
 
     log = tmp_path / "rerun.log"
     loaded = load_config(str(config))

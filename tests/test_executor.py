@@ -39,6 +39,15 @@ def states(config):
     return {r.stage: r.state for r in executor.report(config)}
 
 
+def test_the_compilation_cache_is_under_the_root_unless_placed_or_turned_off(tmp_path):
+    assert toy_config(tmp_path).resolved_compilation_cache() == str(tmp_path / "compilation-cache")
+    elsewhere = toy_config(tmp_path, compilation_cache="/var/cache/jax")
+    assert elsewhere.resolved_compilation_cache() == "/var/cache/jax"
+    assert toy_config(tmp_path, compilation_cache=None).resolved_compilation_cache() is None
+    on_gcs = toy_config(tmp_path, compilation_cache="gs://bucket/cache")
+    assert on_gcs.resolved_compilation_cache() == "gs://bucket/cache"
+
+
 def test_config_errors_name_the_key_path(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text("name: toy\nstage_modules: [tests.toystages]\nstages:\n  numbers: {units: 2}\n")

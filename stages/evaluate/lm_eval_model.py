@@ -23,6 +23,7 @@ from pipeline import storage
 from stages.convert.hf_dir import CONFIG
 from stages.evaluate.lm import JaxLM
 from stages.tokenize.tokenizer import load_tokenizer
+from stages.train.compile_cache import USER_CACHE, use_compilation_cache
 from stages.train.generate import generate
 
 DEFAULT_MAX_GEN_TOKS = 256
@@ -56,11 +57,16 @@ class MeshlineLM(LM):
         step: int | None = None,
         batch_size: int | str = 32,
         max_length: int | None = None,
+        compilation_cache: str = USER_CACHE,
         **_harness_options: object,
     ):
-        """``_harness_options`` takes what the harness passes every model (device,
-        max_batch_size): JAX places the model itself."""
+        """``compilation_cache``: where compiled programs are kept between runs ("" or
+        "none": not kept). ``_harness_options`` takes what the harness passes every model
+        (device, max_batch_size): JAX places the model itself."""
         super().__init__()
+        use_compilation_cache(
+            None if str(compilation_cache).lower() == "none" else compilation_cache
+        )
         size = 32 if batch_size == "auto" else int(batch_size)
         self.lm = load_lm(
             checkpoint,

@@ -92,8 +92,10 @@ def run(ctx: StageContext) -> None:
     """Score every task on the final (and initial) model, write results, samples, table."""
     # JAX loads when the stage runs, not when it registers.
     from stages.evaluate import generation, models, scoring
+    from stages.train.compile_cache import use_compilation_cache
     from stages.train.output import checkpoint_step, load_params
 
+    use_compilation_cache(ctx.compilation_cache)
     config: EvaluateConfig = ctx.config
     train, tokenize, dedup = (ctx.inputs[name] for name in ("train", "tokenize", "dedup"))
     started = time.perf_counter()

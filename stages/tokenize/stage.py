@@ -33,7 +33,6 @@ from pipeline import storage
 from pipeline.stage import StageContext, register
 from stages.tokenize.bpe import load_gpt2, train_bpe
 from stages.tokenize.config import Gpt2TokenizerConfig, TokenizeConfig
-from stages.tokenize.encoding import encoded_batches
 from stages.tokenize.manifest import MANIFEST_UNIT, TOKENIZER_DIR, write_manifest
 from stages.tokenize.parts import (
     Encoded,
@@ -128,6 +127,10 @@ def tokenize_parts(
         log.info(
             "tokenize: %s: %d documents, %d tokens", part.unit, totals.documents, totals.tokens
         )
+
+    # Ray Data loads when the stage encodes, not when the package is imported (the train
+    # hosts import it for read_manifest).
+    from stages.tokenize.encoding import encoded_batches
 
     batches = encoded_batches(pending, storage.join(ctx.output, TOKENIZER_DIR), config)
     for source, group in groupby(batches, key=lambda r: r.source):

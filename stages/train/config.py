@@ -215,8 +215,8 @@ class TrainConfig(StageConfig):
     log_every: int = Field(default=1, gt=0)
     """Steps between metric records sent to MLflow (each one batch of scalars)."""
     compilation_cache: str | None = None
-    """JAX persistent compilation cache directory: restarted or resumed hosts load their
-    compiled steps from it instead of compiling again."""
+    """JAX persistent compilation cache directory for this stage alone; None: the pipeline's
+    ``compilation_cache``. Restarted or resumed hosts load their compiled steps from it."""
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from pipeline.stage import StageContext, register
 from stages.tokenize import read_manifest
 from stages.train.config import TrainConfig, training_model_config
-from stages.train.hosts import run_hosts
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +43,18 @@ def _progress(ctx: StageContext, config: TrainConfig) -> Callable[[dict[str, flo
 @register("train", TrainConfig, inputs=("tokenize",))
 def run(ctx: StageContext) -> None:
     """Write the model config, train (resuming from the last checkpoint), summarise."""
-    # JAX and Orbax load when the stage runs, not when it registers.
+    # JAX, Orbax and Ray Train load when the stage runs, not when it registers (nor in the
+    # hosts, which import this package for the trainer).
     from stages.train import output
+    from stages.train.hosts import run_hosts
 
     config: TrainConfig = ctx.config
     tokenize = ctx.inputs["tokenize"].uri
     vocab = int(read_manifest(tokenize)["tokenizer"]["vocab_size"])
     output.commit_model_config(ctx.ledger, training_model_config(config, vocab))
-    result = run_hosts(config, tokenize, ctx.output, _progress(ctx, config))
+    cache = config.compilation_cache or ctx.compilation_cache
+    hosts_config = config.model_copy(update={"compilation_cache": cache})
+    result = run_hosts(hosts_config, tokenize, ctx.output, _progress(ctx, config))
     if result["preempted"]:
         raise Preempted(f"train: preempted at step {result['step']}; its checkpoint is saved")
     output.commit_summary(ctx.ledger, result)

@@ -36,6 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from stages.tokenize import read_manifest
 from stages.train import optim, sharding
+from stages.train.compile_cache import use_compilation_cache
 from stages.train.config import TrainConfig, training_model_config
 from stages.train.loader import Loader, Position, load_split, validation_batches
 from stages.train.model_config import ModelConfig, param_count
@@ -183,8 +184,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, tokenize_dir: str, output: str):
         self.config = config
         self.output = output
-        if config.compilation_cache:
-            jax.config.update("jax_compilation_cache_dir", config.compilation_cache)
+        use_compilation_cache(config.compilation_cache)
         manifest = read_manifest(tokenize_dir)
         self.seq_len = int(manifest["seq_len"])
         self.model = training_model_config(config, int(manifest["tokenizer"]["vocab_size"]))

@@ -1,0 +1,124 @@
+"""Time to the first training step with JAX's persistent compilation cache, cold and warm.
+
+``python benchmarks/compile_cache.py [--configs demo,100m] [--repeats 2]``
+
+Each measurement is one training host started as a fresh process
+(``python -m stages.train.trainer``, what a restarted or resumed train stage runs), timed from
+the process's start to its first step record: Python and JAX start-up, the data, building the
+state, compiling (or loading) the programs and one step. "cold" starts with an empty cache
+directory, "warm" with the directory the cold run filled; "off" runs without a cache, as
+before the pipeline kept one. The goal: warm at most a third of cold on the demo config.
+
+Configs: ``demo`` is ``configs/demo.yaml``'s train stage (gptj-tiny, vocabulary 4096, 8 rows
+of 512 tokens, one device); ``100m`` is ``benchmarks/model.py``'s 100m shape (GPT-J at GPT-2
+small width, vocabulary 50400), 2 rows of 512 tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+from train import synthetic_tokenized  # noqa: E402
+
+SEQ_LEN = 512
+CONFIGS = {
+    "demo": dict(
+        model="gptj-tiny",
+        model_overrides={"vocab_size": 4096},
+        global_batch=8,
+        vocab=4096,
+    ),
+    "100m": dict(
+        model="gptj-tiny",
+        model_overrides=dict(
+            vocab_size=50400, d_model=768, n_layers=12, n_heads=12, d_ff=3072, rotary_dim=64
+        ),
+        global_batch=2,
+        vocab=50400,
+    ),
+}
+
+
+def train_config(name: str, cache: str | None) -> str:
+    """The train config of ``name`` for one step, with ``cache`` as its compilation cache."""
+    spec = {k: v for k, v in CONFIGS[name].items() if k != "vocab"}
+    return json.dumps(
+        {
+            **spec,
+            "dtype": "float32",
+            "steps": 1,
+            "checkpoint_every": 1000,
+            "val_every": 1000,
+            "val_batches": 1,
+            "optimizer": {"warmup_steps": 1, "anneal_steps": 10},
+            "peak_flops_per_device": 1e11,
+            "compilation_cache": cache,
+        }
+    )
+
+
+def first_step_seconds(config: str, tokenized: str, output: str) -> float:
+    """Seconds from starting a training host to its first step record."""
+    started = time.perf_counter()
+    host = subprocess.Popen(
+        [sys.executable, "-m", "stages.train.trainer", config, tokenized, output],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert host.stdout is not None
+    for line in host.stdout:
+        if '"step"' in line:
+            seconds = time.perf_counter() - started
+            break
+    else:
+        raise RuntimeError(f"the host ended without a step (exit {host.wait()})")
+    host.wait()
+    return seconds
+
+
+def measure(name: str, work: str, repeats: int) -> dict[str, list[float]]:
+    """Cold, warm and cache-off times of ``name``, ``repeats`` rounds each."""
+    tokenized = synthetic_tokenized(
+        os.path.join(work, f"tok-{name}"), SEQ_LEN, 64, CONFIGS[name]["vocab"]
+    )
+    times: dict[str, list[float]] = {"off": [], "cold": [], "warm": []}
+    for round_ in range(repeats):
+        cache = os.path.join(work, f"cache-{name}-{round_}")
+        runs = [("off", None), ("cold", cache), ("warm", cache)]
+        for kind, directory in runs:
+            output = os.path.join(work, f"out-{name}-{round_}-{kind}")
+            times[kind].append(first_step_seconds(train_config(name, directory), tokenized, output))
+    return times
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", default="demo,100m", help="comma-separated: demo, 100m")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds of off, cold, warm")
+    args = parser.parse_args(argv)
+    print(f"time to first training step, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
+    print(f"{'config':<8}{'off s':>9}{'cold s':>9}{'warm s':>9}{'warm/cold':>11}")
+    with tempfile.TemporaryDirectory() as work:
+        for name in args.configs.split(","):
+            times = measure(name, work, args.repeats)
+            off, cold, warm = (statistics.median(times[k]) for k in ("off", "cold", "warm"))
+            print(f"{name:<8}{off:>9.1f}{cold:>9.1f}{warm:>9.1f}{warm / cold:>11.2f}")
+            each = {kind: [round(t, 1) for t in runs] for kind, runs in times.items()}
+            print(f"{'':<8}each run: {json.dumps(each)}")
+
+
+if __name__ == "__main__":
+    main()
