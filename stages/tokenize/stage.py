@@ -22,7 +22,6 @@ with the carries the previous part saved.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Iterator
@@ -34,6 +33,7 @@ from pipeline import storage
 from pipeline.stage import StageContext, register
 from stages.tokenize.bpe import load_gpt2, train_bpe
 from stages.tokenize.config import Gpt2TokenizerConfig, TokenizeConfig
+from stages.tokenize.encoding import encoded_batches
 from stages.tokenize.manifest import MANIFEST_UNIT, TOKENIZER_DIR, write_manifest
 from stages.tokenize.parts import (
     Encoded,
@@ -129,25 +129,16 @@ def tokenize_parts(
             "tokenize: %s: %d documents, %d tokens", part.unit, totals.documents, totals.tokens
         )
 
-    # Ray Data loads when the stage encodes, not when the package is imported (the train
-    # hosts import it for read_manifest).
-    from stages.tokenize.encoding import encoded_batches
-
     batches = encoded_batches(pending, storage.join(ctx.output, TOKENIZER_DIR), config)
-    # Closed however the loop ends, so a failing part shuts the encoder pool down at once
-    # instead of leaving its actors holding CPUs while the error propagates.
-    with contextlib.closing(batches):
-        for source, group in groupby(batches, key=lambda r: r.source):
-            first_batch_at = first_batch_at or [time.monotonic()]
-            part = by_source.get(source)
-            if part is None or part not in waiting:
-                raise TokenizeError(
-                    f"{source}: rows arrived out of order (or from an unplanned file)"
-                )
-            # Parts that produced no rows (empty files) come before it: they pass the carry on.
-            while waiting[0] is not part:
-                commit(waiting.pop(0), iter(()))
-            commit(waiting.pop(0), group)
+    for source, group in groupby(batches, key=lambda r: r.source):
+        first_batch_at = first_batch_at or [time.monotonic()]
+        part = by_source.get(source)
+        if part is None or part not in waiting:
+            raise TokenizeError(f"{source}: rows arrived out of order (or from an unplanned file)")
+        # Parts that produced no rows (empty files) come before it: they pass the carry on.
+        while waiting[0] is not part:
+            commit(waiting.pop(0), iter(()))
+        commit(waiting.pop(0), group)
     for part in waiting:
         commit(part, iter(()))
     return {
