@@ -290,12 +290,14 @@ SIGNING_CONFIG = {
 
 
 def _tokenize_input(work: Path) -> tuple[str, dict]:
-    """Eight parts of 24 standard-library files repeated 12 times (22 row groups of 8)."""
+    """Eight parts of 24 standard-library files repeated 24 times (22 row groups of 8): enough
+    encoding that the first encoder is still busy when Ray Data starts a second (with 12
+    repeats the pool stayed at one actor in 3 of 6 runs on this machine)."""
     from tests.tokenize_data import gpt2_ranks_path, stdlib_texts, write_part
 
     dedup = work / "dedup"
     for part in range(8):
-        texts = [t * 12 for t in stdlib_texts(24, 24 * part)]
+        texts = [t * 24 for t in stdlib_texts(24, 24 * part)]
         rows = [(t, "Github", f"train/{part:02d}.jsonl.zst:{i + 1}") for i, t in enumerate(texts)]
         write_part(str(dedup / f"train/part-{part:05d}.parquet"), rows)
     config = {
