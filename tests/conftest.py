@@ -55,3 +55,20 @@ def ray_cluster(gcs_emulator: str) -> Iterator[None]:
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
     yield
     ray.shutdown()
+
+
+def wait_for_free_cpus(cpus: float, timeout: float = 120.0) -> None:
+    """Wait until the ``ray_cluster``'s CPUs are free for work that needs ``cpus`` at once;
+    fail naming the live actors otherwise. A test that places a worker group would else wait
+    for them without end, behind work an earlier test left running."""
+    import time
+
+    import ray
+
+    deadline = time.monotonic() + timeout
+    while ray.available_resources().get("CPU", 0.0) < cpus:
+        if time.monotonic() > deadline:
+            table = ray._private.state.actors(actor_state_name="ALIVE").values()
+            alive = [(a["ActorClassName"], a["Pid"]) for a in table]
+            raise AssertionError(f"{cpus} CPUs not free after {timeout:.0f} s; alive: {alive}")
+        time.sleep(0.5)

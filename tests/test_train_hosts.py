@@ -22,6 +22,7 @@ from pipeline.stage import StageContext, Upstream
 from stages.train.config import TrainConfig
 from stages.train.hosts import HostsFailed
 from stages.train.stage import Preempted, run
+from tests.conftest import wait_for_free_cpus
 from tests.train_data import write_tokenized
 
 STEPS = 32
@@ -79,6 +80,7 @@ def straight(
     ray_cluster: None, config: TrainConfig, tokenized: str, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[dict, dict[int, float]]:
     """An uninterrupted run: its summary and the loss of each step."""
+    wait_for_free_cpus(2)
     logged: list[dict[str, float]] = []
     summary = train(config, tokenized, tmp_path_factory.mktemp("straight") / "train", logged.append)
     assert [int(r["step"]) for r in logged] == list(range(1, STEPS + 1))

@@ -64,14 +64,36 @@ def scaling_config(placement: PlacementConfig) -> ScalingConfig:
             topology=placement.topology,
             accelerator_type=placement.accelerator_type,
         )
-    resources = {"CPU": placement.cpus_per_host}
+    return ScalingConfig(
+        num_workers=placement.hosts,
+        use_gpu=placement.platform == "gpu",
+        resources_per_worker=worker_resources(placement),
+    )
+
+
+def worker_resources(placement: PlacementConfig) -> dict[str, float]:
+    """The Ray resources one worker holds."""
+    if placement.platform == "tpu":
+        return {"TPU": placement.chips_per_worker()}
     if placement.platform == "gpu":
-        return ScalingConfig(
-            num_workers=placement.hosts,
-            use_gpu=True,
-            resources_per_worker={**resources, "GPU": placement.devices_per_host},
+        return {"CPU": placement.cpus_per_host, "GPU": placement.devices_per_host}
+    return {"CPU": placement.cpus_per_host}
+
+
+def log_wait_for_resources(placement: PlacementConfig) -> None:
+    """Say what the worker group asks for, and warn when the cluster cannot place it now: Ray
+    Train then waits (an autoscaler may add nodes) and a person sees why nothing trains."""
+    need = {k: v * placement.workers() for k, v in worker_resources(placement).items()}
+    free = ray.available_resources()
+    log.info("train: %d worker(s), %s in all; free now: %s", placement.workers(), need, free)
+    short = {k: v for k, v in need.items() if free.get(k, 0.0) < v}
+    if short:
+        log.warning(
+            "train: waiting for %s (free now: %s); other work holds the rest, or the cluster "
+            "must grow",
+            short,
+            {k: free.get(k, 0.0) for k in short},
         )
-    return ScalingConfig(num_workers=placement.hosts, resources_per_worker=resources)
 
 
 def worker_env(placement: PlacementConfig) -> dict[str, str]:
@@ -182,6 +204,7 @@ def run_hosts(config: TrainConfig, tokenize: str, output: str, sink: Sink) -> di
             worker_runtime_env={"env_vars": worker_env(placement)},
         ),
     )
+    log_wait_for_resources(placement)
     done = threading.Event()
     forwarder = threading.Thread(target=_forward_until, args=(done, queue, sink), daemon=True)
     forwarder.start()
