@@ -82,3 +82,25 @@ def test_the_executor_knows_no_stage() -> None:
     graph = import_graph()
     reach = {m for name, deps in graph.items() if name.startswith("pipeline") for m in deps}
     assert not [m for m in reach if m.startswith("stages")]
+
+
+def test_the_model_and_its_training_step_import_without_ray_or_mlflow() -> None:
+    """``benchmarks/train.py`` runs on accelerator hosts that have neither (a bare image: JAX,
+    flax, optax, torch and the small wheels carried with it)."""
+    import subprocess
+    import sys
+
+    blocker = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('ray', 'mlflow'):\n"
+        "            raise ImportError(f'{name} is not on this host')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import stages.train.model, stages.train.optim, stages.train.sharding\n"
+        "import stages.train.mfu, benchmarks.train\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", blocker], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -211,7 +211,8 @@ class TrainConfig(StageConfig):
     init_optimizer: bool = False
     """Carry the optimiser state and step count of ``init_from`` too (else fresh)."""
     peak_flops_per_device: float | None = Field(default=None, gt=0)
-    """Peak FLOP/s of one device for MFU; unset: a float32 matmul measured on each host."""
+    """Peak FLOP/s of one device for MFU; unset: the accelerator's dense bf16 peak from
+    ``stages/train/mfu.py``'s table, or on CPU a float32 matmul measured on each host."""
     log_every: int = Field(default=1, gt=0)
     """Steps between metric records sent to MLflow (each one batch of scalars)."""
     compilation_cache: str | None = None

@@ -11,7 +11,6 @@ import logging
 from collections.abc import Callable
 
 from pipeline.stage import StageContext, register
-from stages.tokenize import read_manifest
 from stages.train.config import TrainConfig, training_model_config
 
 log = logging.getLogger(__name__)
@@ -43,8 +42,10 @@ def _progress(ctx: StageContext, config: TrainConfig) -> Callable[[dict[str, flo
 @register("train", TrainConfig, inputs=("tokenize",))
 def run(ctx: StageContext) -> None:
     """Write the model config, train (resuming from the last checkpoint), summarise."""
-    # JAX, Orbax and Ray Train load when the stage runs, not when it registers (nor in the
-    # hosts, which import this package for the trainer).
+    # JAX, Orbax, Ray Train and the tokenize package (Ray Data) load when the stage runs, not
+    # when it registers: the hosts import this package for the trainer, and the model, its
+    # optimiser and step import without Ray (benchmarks/train.py on a bare accelerator host).
+    from stages.tokenize import read_manifest
     from stages.train import output
     from stages.train.hosts import run_hosts
 

@@ -39,7 +39,7 @@ from stages.train import optim, sharding
 from stages.train.compile_cache import use_compilation_cache
 from stages.train.config import TrainConfig, training_model_config
 from stages.train.loader import Loader, Position, load_split, validation_batches
-from stages.train.model_config import ModelConfig, param_count
+from stages.train.mfu import flops_per_token, peak_flops
 from stages.train.output import (
     checkpoints_dir,
     restore_checkpoint,
@@ -67,25 +67,6 @@ class TrainResult:
     """Digest of the final float32 parameters (same on every host)."""
     losses: dict[int, float] = field(default_factory=dict)
     """Training loss of each step this run did."""
-
-
-def flops_per_token(model: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6N for the matmuls of forward and backward plus
-    12 * layers * d_model * seq_len for attention scores and values (PaLM, appendix B);
-    rematerialisation is not counted, so this is model (not hardware) FLOPs."""
-    return 6 * param_count(model) + 12 * model.n_layers * model.d_model * seq_len
-
-
-def measured_peak_flops(size: int = 1024, repeats: int = 5) -> float:
-    """FLOP/s of a float32 ``size``² matmul on this process's first device (the CPU peak
-    we hold MFU to when no peak is configured)."""
-    x = jnp.ones((size, size), jnp.float32)
-    matmul = jax.jit(lambda a: a @ a)
-    matmul(x).block_until_ready()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        matmul(x).block_until_ready()
-    return 2 * size**3 * repeats / (time.perf_counter() - start)
 
 
 def _process_columns(batch_sharding: NamedSharding, shape: tuple[int, ...]) -> slice:
@@ -389,10 +370,8 @@ class Trainer:
         return total / len(self.val_rows)
 
     def _meter(self) -> _Meter:
-        if self.config.peak_flops_per_device:
-            peak = self.config.peak_flops_per_device * jax.device_count()
-        else:
-            peak = measured_peak_flops() * jax.process_count()
+        peak, source = peak_flops(self.config.peak_flops_per_device)
+        log.info("train: MFU against %.3g FLOP/s (%s)", peak, source)
         tokens = self.config.global_batch * self.seq_len
         return _Meter(tokens, flops_per_token(self.model, self.seq_len) * tokens, peak)
 
