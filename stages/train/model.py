@@ -23,7 +23,6 @@ Layer code names logical axes only; ``sharding.LOGICAL_RULES`` maps them to mesh
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from functools import partial
 
@@ -32,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from stages.train.attention import attend_heads
 from stages.train.model_config import ModelConfig
 
 Array = jax.Array
@@ -88,6 +88,9 @@ class Attend:
     """[batch, tokens, slots] bool: the token may attend to the key slot."""
     slot: Array
     """int32 scalar: the cache slot of the first token (0 without a cache)."""
+    dense: bool = struct.field(pytree_node=False)
+    """No padding mask and no cache: ``allowed`` is plain causal, so a fused kernel that
+    knows only causal masks may replace it (``attention.attend_heads``)."""
 
 
 def _init(names: tuple[str, ...], init: Callable[..., Array]) -> Callable[..., Array]:
@@ -170,7 +173,8 @@ class Linear(nn.Module):
 
 
 class Attention(nn.Module):
-    """Causal multi-head attention with rotary q/k; softmax in float32."""
+    """Causal multi-head attention with rotary q/k; the kernel is ``config.attention``'s
+    (``stages.train.attention``)."""
 
     config: ModelConfig
 
@@ -192,14 +196,7 @@ class Attention(nn.Module):
             k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), at)
             v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), at)
             kv = (k, v)
-        precision = cfg.matmul_precision
-        scores = jnp.einsum(
-            "bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32), precision=precision
-        )
-        # A finite fill keeps rows with no allowed key (padding queries) NaN-free.
-        scores = jnp.where(attend.allowed[:, None], scores / math.sqrt(cfg.head_dim), -1e30)
-        probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(cfg.dtype), precision=precision)
+        out = attend_heads(q, k, v, attend.allowed, cfg, dense=attend.dense)
         out = constrain(out, heads)
         out = Linear(
             features=(cfg.d_model,),
@@ -333,6 +330,7 @@ class Transformer(nn.Module):
     ) -> tuple[Array, tuple[Array, Array] | None, Array]:
         """Final hidden states, the updated keys/values (with a cache) and which key slots
         are real."""
+        dense = mask is None and cache is None
         mask = jnp.ones(tokens.shape, bool) if mask is None else mask.astype(bool)
         if cache is None:
             slot, seen, key_valid = jnp.zeros((), jnp.int32), 0, mask
@@ -351,7 +349,7 @@ class Transformer(nn.Module):
         # every weight, so the partitioner never has to re-split an embed-sharded result.
         table = constrain(self.embed.embedding.astype(self.config.dtype), ("vocab", None))
         x = constrain(jnp.take(table, tokens, axis=0), ("batch", "length", "embed"))
-        x, kv = self.layers(x, Attend(positions, allowed, slot), kv)
+        x, kv = self.layers(x, Attend(positions, allowed, slot, dense), kv)
         return self.ln_f(x).astype(self.config.dtype), kv, key_valid
 
 

@@ -63,6 +63,12 @@ class ModelConfig(BaseModel):
     or all / batch-free matmul outputs saved (jax.checkpoint_policies)."""
     scan_unroll: int = Field(default=1, gt=0)
     """Layers per iteration of the layer scan: 1 compiles fastest, n_layers is straight-line."""
+    attention: Literal["auto", "xla", "cudnn", "splash"] = "auto"
+    """Attention kernel of forwards without padding or KV cache (training, unpadded scoring):
+    cuDNN flash attention (NVIDIA GPU, bfloat16), Pallas splash (TPU), XLA einsums, or auto:
+    the platform's fused kernel where it fits, else XLA (``stages.train.attention``). Padded
+    and cached forwards always use XLA. How the model is run, not what it is, so
+    model_config.json leaves it out."""
 
     @property
     def head_dim(self) -> int:
@@ -78,6 +84,10 @@ class ModelConfig(BaseModel):
             raise ValueError(f"d_model {self.d_model} is not a multiple of n_heads {self.n_heads}")
         if self.rotary_dim % 2 or self.rotary_dim > self.head_dim:
             raise ValueError(f"rotary_dim {self.rotary_dim} must be even and <= {self.head_dim}")
+        if self.attention == "cudnn" and self.dtype == "float32":
+            raise ValueError(
+                "attention='cudnn' needs dtype='bfloat16': cuDNN flash attention has no float32"
+            )
         if self.shared_norm and not self.parallel_residual:
             raise ValueError("shared_norm needs parallel_residual")
         if self.architecture == "gptj":

@@ -52,10 +52,17 @@ SUMMARY_FIELDS = ("step", "train_loss", "val_loss", "params_sha256")
 CHECKPOINT_CHUNK_BYTES = 16 * 1024**2
 
 
+def model_config_json(config: ModelConfig) -> str:
+    """The text of ``model_config.json``: what the model is, for convert and evaluate."""
+    # ``attention`` is how the model is run (each reader picks its own kernel), not what it
+    # is: left out, the file and the train stage's digest stay as they were before it.
+    return config.model_dump_json(indent=1, exclude={"attention"})
+
+
 def commit_model_config(ledger: Ledger, config: ModelConfig) -> None:
     """Commit ``model_config.json`` (its own ledger unit) unless it is committed already."""
     if not ledger.is_committed(MODEL_CONFIG):
-        ledger.commit_file(MODEL_CONFIG, MODEL_CONFIG, config.model_dump_json(indent=1).encode())
+        ledger.commit_file(MODEL_CONFIG, MODEL_CONFIG, model_config_json(config).encode())
 
 
 def commit_summary(ledger: Ledger, result: Mapping[str, Any]) -> None:
@@ -230,4 +237,4 @@ def write_checkpoint(params: Params, config: ModelConfig, dest: str, step: int =
             save_checkpoint(manager, step, {"params": params}, Position())
             manager.wait_until_finished()
         with open(os.path.join(tmp, MODEL_CONFIG), "w") as f:
-            f.write(config.model_dump_json(indent=1))
+            f.write(model_config_json(config))
