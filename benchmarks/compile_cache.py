@@ -25,11 +25,10 @@ import sys
 import tempfile
 import time
 
+import numpy as np
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-
-from train import synthetic_tokenized  # noqa: E402
 
 SEQ_LEN = 512
 CONFIGS = {
@@ -48,6 +47,36 @@ CONFIGS = {
         vocab=50400,
     ),
 }
+
+
+def synthetic_tokenized(out: str, seq: int, rows: int, vocab: int) -> str:
+    """A tokenize output (the stage's manifest and Arrow shards) of random rows."""
+    from stages.tokenize.packing import RowWriter
+
+    rng = np.random.default_rng(0)
+    splits = {}
+    for split, count in (("train", rows), ("val", 8)):
+        os.makedirs(os.path.join(out, split), exist_ok=True)
+        path = f"{split}/shard-00000.arrow"
+        with open(os.path.join(out, path), "wb") as f:
+            writer = RowWriter(f, seq + 1, np.dtype(np.uint16))
+            writer.add(rng.integers(0, vocab, count * (seq + 1), dtype=np.uint16))
+            writer.close()
+        shard = {"path": path, "rows": count, "first_row": 0, "source": "synthetic"}
+        splits[split] = {"rows": count, "shards": [shard], "components": {}}
+    manifest = {
+        "format": "meshline.tokens.v1",
+        "seq_len": seq,
+        "row_len": seq + 1,
+        "dtype": "uint16",
+        "eos_id": vocab - 1,
+        "tokenizer": {"kind": "synthetic", "fingerprint": "synthetic", "vocab_size": vocab},
+        "splits": splits,
+        "mixture": None,
+    }
+    with open(os.path.join(out, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+    return out
 
 
 def train_config(name: str, cache: str | None) -> str:
