@@ -6,7 +6,11 @@ as right-padded sequence lengths, so every padded or cached call takes the XLA p
 explicit ``allowed`` mask. Choices:
 
 - ``xla``: einsum, float32 scores and softmax, any mask. Runs everywhere; materialises the
-  [batch, heads, seq, seq] scores, which is what the fused kernels avoid.
+  [batch, heads, seq, seq] scores, which is what the fused kernels avoid. On CPU it is
+  faster than ``jax.nn.dot_product_attention(implementation="xla", is_causal=True)``:
+  forward and backward of the 100m config's attention (12 heads of 64, float32, jitted,
+  median of 7 on 2 cores) took 60 against 103 ms at 2 x 512 tokens and 1063 against
+  1118 ms at 1 x 2048, so CPU keeps it.
 - ``cudnn``: cuDNN flash attention through ``jax.nn.dot_product_attention`` on NVIDIA GPUs;
   bfloat16/float16 inputs only, head_dim limited (below).
 - ``splash``: the Pallas TPU splash-attention kernel (block-sparse flash attention that
