@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 from pipeline import storage
 from pipeline.config import ConfigError, PipelineConfig
+from pipeline.secrets import redact_url
 
 CONFIG_NAME = "pipeline.yaml"
 AGENT_WAIT_SECONDS = 120.0
@@ -79,7 +80,8 @@ def submit(config: PipelineConfig, args: argparse.Namespace) -> int:
     try:
         client = JobSubmissionClient(args.address)
     except ConnectionError as error:
-        raise ConfigError(f"cannot reach a Ray dashboard at {args.address}: {error}") from None
+        where = redact_url(args.address)
+        raise ConfigError(f"cannot reach a Ray dashboard at {where}: {error}") from None
     with tempfile.TemporaryDirectory(prefix="meshline-job-") as workdir:
         shutil.copy(args.config, os.path.join(workdir, CONFIG_NAME))
         job_id = _submit_when_agent_ready(
@@ -88,7 +90,7 @@ def submit(config: PipelineConfig, args: argparse.Namespace) -> int:
             runtime_env={"working_dir": workdir, "py_modules": package_dirs(config)},
             metadata={"meshline.pipeline": config.name},
         )
-    print(f"submitted {job_id} to {args.address}", flush=True)
+    print(f"submitted {job_id} to {redact_url(args.address)}", flush=True)
     if not args.wait:
         return 0
     asyncio.run(_stream_logs(client, job_id))
@@ -99,15 +101,24 @@ def submit(config: PipelineConfig, args: argparse.Namespace) -> int:
 
 def _submit_when_agent_ready(client, **job: object) -> str:
     """``client.submit_job(**job)``, retried while the head answers that no job agent is
-    available yet (for a while after ``ray start``, longer on a loaded head); any other
-    error, or the agent still missing after ``AGENT_WAIT_SECONDS``, is raised."""
+    available yet (for a while after ``ray start``, longer on a loaded head). Any other error
+    is raised; an agent still missing after ``AGENT_WAIT_SECONDS`` is a ConfigError saying
+    where to look."""
     deadline, delay = time.monotonic() + AGENT_WAIT_SECONDS, 0.5
     while True:
         try:
             return client.submit_job(**job)
         except RuntimeError as error:
-            if NO_AGENT not in str(error) or time.monotonic() > deadline:
+            if NO_AGENT not in str(error):
                 raise
+            if time.monotonic() > deadline:
+                raise ConfigError(
+                    f"the head at {redact_url(client.get_address())} has had no job agent for "
+                    f"{AGENT_WAIT_SECONDS:.0f} s. Its dashboard agent did not start: see "
+                    "dashboard_agent.log in the head's Ray session logs. A common cause is its "
+                    "port (ray start --dashboard-agent-listen-port, 52365 by default) taken by "
+                    "another Ray instance on that machine."
+                ) from None
         print(f"the cluster's job agent is not up yet; retrying in {delay:.1f} s", flush=True)
         time.sleep(delay)
         delay = min(2 * delay, 8.0)

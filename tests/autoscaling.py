@@ -8,8 +8,8 @@ stop ends that group plus the fake worker nodes the autoscaler spawned, found by
 cluster's GCS address on their command lines.
 
 Run as ``python -m tests.autoscaling ADDRESS WORK MODE`` it is the driver the autoscaling
-tests start on such a cluster. It runs one piece of work twice, first with an autoscaling
-actor pool (min 1, max 2), then with a fixed pool of one actor, and prints one JSON line per
+tests start on such a cluster. It runs one piece of work twice, first with a fixed pool
+of one actor, then with an autoscaling actor pool (min 1, max 2), and prints one JSON line per
 run with the pool's actors (from the GCS actor table: id, node, pid, start and end in ms):
 
 - ``tokenize``: the tokenize stage on a generated input; each line also has the ledger
@@ -44,6 +44,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def own_ports() -> list[str]:
+    """``ray start`` flags giving a node free ports for the services that otherwise take fixed
+    defaults. Two Ray instances on one machine (a test's and a driver's left from an earlier
+    test) collide on the dashboard agent's 52365: the second head then never gets a job agent
+    (seen in CI: "No available agent to submit job" for two minutes)."""
+    return [
+        f"--node-manager-port={free_port()}",
+        f"--object-manager-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+    ]
 
 
 def ensure_auth_token(env: dict) -> None:
@@ -137,11 +151,8 @@ class FakeAutoscalingCluster:
             f"--dashboard-port={free_port()}",
             "--include-dashboard=false",
             "--node-ip-address=127.0.0.1",
-            f"--node-manager-port={free_port()}",
-            f"--object-manager-port={free_port()}",
             f"--ray-client-server-port={free_port()}",
-            f"--dashboard-agent-listen-port={free_port()}",
-            f"--metrics-export-port={free_port()}",
+            *own_ports(),
             "--num-cpus=0",
             "--disable-usage-stats",
             "--block",
@@ -176,7 +187,7 @@ class FakeAutoscalingCluster:
         raylets and their workers), besides the head's process group."""
         return processes_naming(self.address)
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
         if self._head is None:
             return
         pids = self._own_pids()
@@ -270,7 +281,12 @@ def _exists(pid: int) -> bool:
 # What the pools' actors are called in the GCS actor table (Ray Data's map workers).
 ENCODER_ACTORS = "MapWorker(MapBatches(Encoder))"
 SIGNER_ACTORS = "MapWorker(MapBatches(Signer))"
-POOLS = (("autoscaling", (1, 2)), ("fixed", (1, 1)))
+# The fixed pool runs first so that the worker node it brings up is known to Ray Data's
+# autoscaling coordinator before the autoscaling run starts: the coordinator refreshes its
+# view of the nodes only every 20 s, and until then grants a dataset none of a new node's
+# CPUs, so a pool that starts on a just-added node cannot grow (seen here: a 20 s
+# autoscaling run that began with the node ended on one actor, "1/0 CPU" in Ray Data's log).
+POOLS = (("fixed", (1, 1)), ("autoscaling", (1, 2)))
 
 # Dedup's generated download: one document per unit, each heavy to sign (classic MinHash with
 # 1024 permutations over ~60k word shingles), so one actor takes long enough over the units
@@ -290,14 +306,18 @@ SIGNING_CONFIG = {
 
 
 def _tokenize_input(work: Path) -> tuple[str, dict]:
-    """Eight parts of 24 standard-library files repeated 24 times (22 row groups of 8): enough
-    encoding that the first encoder is still busy when Ray Data starts a second (with 12
-    repeats the pool stayed at one actor in 3 of 6 runs on this machine)."""
+    """Eight parts of 24 standard-library files repeated 96 times (22 row groups of 8): enough
+    encoding that the fixed run outlasts one refresh of Ray Data's coordinator (see POOLS)
+    and that the first encoder of the autoscaling run is still busy when the second has
+    started: Ray Data asks for it once the first has two tasks queued, and drops it,
+    unstarted, when the inputs run out. With 24 repeats, on a machine as loaded as CI's
+    (here under two busy CPU loops), an actor took ~7 s to start and the whole encoding
+    ~6 s."""
     from tests.tokenize_data import gpt2_ranks_path, stdlib_texts, write_part
 
     dedup = work / "dedup"
     for part in range(8):
-        texts = [t * 24 for t in stdlib_texts(24, 24 * part)]
+        texts = [t * 96 for t in stdlib_texts(24, 24 * part)]
         rows = [(t, "Github", f"train/{part:02d}.jsonl.zst:{i + 1}") for i, t in enumerate(texts)]
         write_part(str(dedup / f"train/part-{part:05d}.parquet"), rows)
     config = {

@@ -3,7 +3,7 @@ autoscaler that adds fake worker nodes (2 CPUs each, at most 2) on demand and re
 once idle.
 
 Each test runs a driver (``python -m tests.autoscaling``) that does one piece of work with
-an actor pool of min 1 / max 2, then again with a fixed pool of one actor, and checks that
+a fixed pool of one actor, then again with an actor pool of min 1 / max 2, and checks that
 the pool grew from one actor to two alive at the same time (their lifetimes in the GCS actor
 table overlap), that both did work (distinct pids among the producers the work reports),
 and that the result equals the fixed pool's:

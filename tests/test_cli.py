@@ -23,7 +23,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from pipeline import lineage
 from stages.demo_corpus import CHECKSUMS, DemoCorpusConfig, build_demo_corpus
-from tests.conftest import free_port
+from tests.autoscaling import free_port, own_ports
 from tests.httpserver import FileServer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -222,7 +222,7 @@ def ray_head() -> Iterator[str]:
         [
             "ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1",
             f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-            "--num-cpus=2", "--include-dashboard=true",
+            "--num-cpus=2", "--include-dashboard=true", *own_ports(),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

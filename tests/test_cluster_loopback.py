@@ -56,6 +56,7 @@ from tests.autoscaling import (
     ensure_auth_token,
     free_port,
     gcs_alive_nodes,
+    own_ports,
     processes_naming,
 )
 from tests.mlflow_server import running_mlflow_server
@@ -82,14 +83,7 @@ class LoopbackCluster:
         self._address_file = None
 
     def _start(self, name: str, args: list[str]) -> None:
-        ports = [
-            f"--node-manager-port={free_port()}",
-            f"--object-manager-port={free_port()}",
-            f"--dashboard-agent-listen-port={free_port()}",
-            f"--metrics-export-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}",
-        ]
-        command = [sys.executable, "-m", "ray.scripts.scripts", "start", *args, *ports]
+        command = [sys.executable, "-m", "ray.scripts.scripts", "start", *args, *own_ports()]
         command += ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats"]
         with open(os.path.join(self.dir, f"{name}.log"), "wb") as log:
             self.processes[name] = subprocess.Popen(

@@ -28,7 +28,7 @@ from stages.download import (
     redact_url,
     resolve_sources,
 )
-from tests.conftest import free_port
+from tests.autoscaling import free_port
 from tests.httpserver import FileServer
 
 PILE_FILES = ("train/00.jsonl.zst", "train/01.jsonl.zst", "val.jsonl.zst", "test.jsonl.zst")
