@@ -19,14 +19,26 @@ which the parity tests hold equal to lm-eval's):
 Documents/s and the process's CPU seconds (all threads) are printed per task; on a shared
 machine CPU seconds compare the work of the two more steadily than wall time. The goal
 (issue 8) is ours >= 2x lm-eval's documents/s.
+
+``--harness`` times what a user of lm-eval sees instead: ``lm_eval.simple_evaluate`` with
+``model="meshline"`` and with ``model="hf"`` on one small task set (a rolling-perplexity task
+of 24 documents, 120 four-way multiple-choice questions, 60 ``generate_until`` prompts of at
+most 32 new tokens, stopping at a newline), each a fresh process timed from its start to its
+results (imports, model load, compiling and scoring): meshline with an empty compilation
+cache (cold), then again with the cache it filled (warm), and hf. It prints the seconds and
+whether each side's metrics equal hf's. The goal (issue 18): meshline cold no slower than
+hf, with identical scores.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import random
 import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +50,8 @@ import jax
 import numpy as np
 from flax import linen as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 from stages.convert import export_hf  # noqa: E402
 from stages.evaluate.lm import JaxLM  # noqa: E402
@@ -96,12 +109,149 @@ def hf_scorer(export: str, batch_size: int) -> Callable[[list[tuple[str, str]]],
     return score
 
 
+HARNESS_TASKS = {"bench_rolling": 24, "bench_choice": 120, "bench_generate": 60}
+"""Documents per task of ``--harness``'s small task set."""
+SCORE_TOLERANCE = 1e-4
+"""Relative tolerance for perplexity and bits per byte, as tests/test_evaluate_parity.py's."""
+
+
+def harness_tasks(directory: Path, rng: random.Random, pool: list[str]) -> list[str]:
+    """Task files (JSON, which YAML reads) and their documents in ``directory``."""
+    docs = {
+        "bench_rolling": [{"text": passage(rng, pool, 100, 300)} for _ in range(24)],
+        "bench_choice": [
+            {
+                "ctx": passage(rng, pool, 20, 40),
+                "endings": [passage(rng, pool, 5, 15) for _ in range(4)],
+                "label": rng.randrange(4),
+            }
+            for _ in range(120)
+        ],
+        "bench_generate": [
+            {"prompt": passage(rng, pool, 10, 30), "answer": passage(rng, pool, 1, 3)}
+            for _ in range(60)
+        ],
+    }
+    kinds = {
+        "bench_rolling": {
+            "output_type": "loglikelihood_rolling",
+            "doc_to_text": "",
+            "doc_to_target": "{{text}}",
+            "metric_list": [
+                {"metric": "word_perplexity", "aggregation": "weighted_perplexity"},
+                {"metric": "bits_per_byte", "aggregation": "bits_per_byte"},
+            ],
+        },
+        "bench_choice": {
+            "output_type": "multiple_choice",
+            "doc_to_text": "{{ctx}}",
+            "doc_to_choice": "{{endings}}",
+            "doc_to_target": "{{label}}",
+            "metric_list": [{"metric": "acc"}],
+        },
+        "bench_generate": {
+            "output_type": "generate_until",
+            "doc_to_text": "{{prompt}}",
+            "doc_to_target": "{{answer}}",
+            "generation_kwargs": {"until": ["\n"], "max_gen_toks": 32, "do_sample": False},
+            "metric_list": [{"metric": "exact_match"}],
+        },
+    }
+    for task, task_docs in docs.items():
+        data = directory / f"{task}.jsonl"
+        data.write_text("".join(json.dumps(d) + "\n" for d in task_docs))
+        config = {
+            "task": task,
+            "dataset_path": "json",
+            "dataset_name": None,
+            "dataset_kwargs": {"data_files": {"test": str(data)}},
+            "test_split": "test",
+            **kinds[task],
+        }
+        (directory / f"{task}.yaml").write_text(json.dumps(config))
+    return list(docs)
+
+
+EVALUATE = """
+import json, sys, time
+import lm_eval
+from lm_eval.tasks import TaskManager
+import stages.evaluate.lm_eval_model
+model, model_args, include, tasks = sys.argv[1:5]
+out = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=tasks.split(","),
+    task_manager=TaskManager(include_path=include))
+print("RESULTS " + json.dumps(out["results"]))
+"""
+
+
+def harness_run(model: str, model_args: str, include: Path, tasks: list[str]) -> tuple:
+    """One fresh ``simple_evaluate`` process: its wall seconds and results."""
+    env = dict(os.environ, HF_DATASETS_CACHE=tempfile.mkdtemp(), HF_HUB_OFFLINE="1")
+    command = [sys.executable, "-c", EVALUATE, model, model_args, str(include), ",".join(tasks)]
+    started = time.perf_counter()
+    done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO)
+    seconds = time.perf_counter() - started
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULTS ")]
+    if done.returncode or not lines:
+        raise RuntimeError(f"{model}: {done.stderr[-3000:]}")
+    return seconds, json.loads(lines[-1][len("RESULTS ") :])
+
+
+def harness(export: str, batch_size: int, tmp: str, pool: list[str]) -> None:
+    """``--harness``: lm-eval's own runs of the small task set, meshline cold and warm, hf."""
+    include = Path(tmp, "tasks")
+    include.mkdir()
+    tasks = harness_tasks(include, random.Random(1), pool)
+    cache = os.path.join(tmp, "xla-cache")
+    runs = {
+        "meshline (cold)": ("meshline", f"checkpoint={export},compilation_cache={cache}"),
+        "meshline (warm)": ("meshline", f"checkpoint={export},compilation_cache={cache}"),
+        "hf": ("hf", f"pretrained={export},dtype=float32,device=cpu"),
+    }
+    done = {
+        side: harness_run(model, f"{args},batch_size={batch_size}", include, tasks)
+        for side, (model, args) in runs.items()
+    }
+    reference_seconds, reference = done["hf"]
+    print(f"lm_eval.simple_evaluate on {HARNESS_TASKS} (documents per task), fresh processes:")
+    for side, (seconds, results) in done.items():
+        same = all(same_scores(results[t], reference[t]) for t in tasks)
+        print(
+            f"  {side:<16}{seconds:>7.1f} s  {seconds / reference_seconds:>5.2f}x hf's time  "
+            f"scores {'equal' if same else 'DIFFER from'} hf's"
+        )
+        if not same:
+            print(f"    ours {json.dumps({t: results[t] for t in tasks})}")
+            print(f"    hf's {json.dumps({t: reference[t] for t in tasks})}")
+    print(
+        "  (equal as the parity tests hold them: accuracy and exact match identical, "
+        f"perplexity and bits per byte within {SCORE_TOLERANCE:g} relative)"
+    )
+
+
+def same_scores(ours: dict[str, Any], theirs: dict[str, Any]) -> bool:
+    """Whether one task's metrics agree: counted metrics (acc, exact_match) exactly, the
+    ones computed from summed log-probabilities within ``SCORE_TOLERANCE`` relative."""
+    if ours.keys() != theirs.keys():
+        return False
+    for name, value in ours.items():
+        other = theirs[name]
+        counted = name.startswith(("acc", "exact_match"))
+        if isinstance(value, float) and isinstance(other, float) and not counted:
+            if not math.isclose(value, other, rel_tol=SCORE_TOLERANCE):
+                return False
+        elif name != "alias" and value != other:
+            return False
+    return True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--docs", type=int, default=100, help="documents per task")
     parser.add_argument("--d-model", type=int, default=256)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--harness", action="store_true", help="lm-eval end to end, see above")
     args = parser.parse_args()
 
     tokenizer = load_gpt2(gpt2_ranks_path())
@@ -130,6 +280,9 @@ def main() -> None:
             tokenizer_dir=os.path.join(tmp, "tokenizer"),
             eos_token_id=tokenizer.eos_id,
         )
+        if args.harness:
+            harness(export, args.batch_size, tmp, pool)
+            return
         ours = JaxLM.from_hf_dir(export, batch_size=args.batch_size)
         theirs = hf_scorer(export, args.batch_size)
         print(

@@ -306,6 +306,20 @@ def test_meshline_model_generates_greedily(setup: dict[str, Any]) -> None:
     assert model.generate_until([cut]) == [full.split(stop)[0]]
 
 
+def test_meshline_generation_batches_requests_as_if_alone(setup: dict[str, Any]) -> None:
+    """Prompts of different lengths and options decode together (padded, batched, longest
+    first) to what each gives alone."""
+    model = MeshlineLM(checkpoint=setup["export"], batch_size=2)
+    prompts = ["the man", "the man runs over the hill and", "a", "over the hill the man runs"]
+    options = [{"until": [], "max_gen_toks": 6}, {"until": [" the"], "max_gen_toks": 9}]
+    requests = [
+        Instance("generate_until", {}, (p, options[i % 2]), i) for i, p in enumerate(prompts)
+    ]
+    alone = [model.generate_until([r])[0] for r in requests]
+    assert model.generate_until(requests) == alone
+    assert len({len(text) for text in alone}) > 1
+
+
 def test_train_output_checkpoint_scores_as_its_export(setup: dict[str, Any]) -> None:
     train = str(setup["root"] / "train")
     write_checkpoint(setup["params"], setup["config"], train, step=3)

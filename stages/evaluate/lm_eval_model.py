@@ -83,22 +83,46 @@ class MeshlineLM(LM):
         return self.lm.loglikelihood_rolling([r.args[0] for r in requests])
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
-        """Greedy continuations, cut at the first of ``until`` (default: EOS text)."""
-        return [self._generate(*r.args[:2]) for r in requests]
+        """Greedy continuations, cut at the first of ``until`` (default: EOS text). Prompts
+        with the same options decode together, longest first, ``batch_size`` at a time: a
+        few compiled loops and batched steps instead of one of each per prompt."""
+        by_options: dict[tuple[tuple[str, ...], int], list[int]] = {}
+        for index, request in enumerate(requests):
+            by_options.setdefault(self._options(request.args[1]), []).append(index)
+        texts: list[str] = [""] * len(requests)
+        for (until, new_tokens), indices in by_options.items():
+            prompts = {i: self._prompt(requests[i].args[0], new_tokens) for i in indices}
+            order = sorted(indices, key=lambda i: -len(prompts[i]))
+            for start in range(0, len(order), self.lm.batch_size):
+                chunk = order[start : start + self.lm.batch_size]
+                ids = generate(
+                    self.lm.config,
+                    self.lm.params,
+                    [prompts[i] for i in chunk],
+                    new_tokens,
+                    eos_id=self.lm.tokenizer.eos_id,
+                    pad_id=0,
+                )
+                for i, row in zip(chunk, ids, strict=True):
+                    texts[i] = self._text(row.tolist(), until)
+        return texts
 
-    def _generate(self, context: str, options: dict) -> str:
+    def _options(self, options: dict) -> tuple[tuple[str, ...], int]:
+        """The stop strings and the number of new tokens a request asks for."""
         lm = self.lm
         until = options.get("until") or [lm.tokenizer.decode([lm.tokenizer.eos_id])]
         until = [until] if isinstance(until, str) else list(until)
         new_tokens = int(options.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
-        new_tokens = min(new_tokens, lm.max_length - 1)
-        prompt = (lm.encode(context) or [lm.prefix_token])[-(lm.max_length - new_tokens) :]
-        ids = generate(
-            lm.config, lm.params, [prompt], new_tokens, eos_id=lm.tokenizer.eos_id, pad_id=0
-        )[0].tolist()
-        if lm.tokenizer.eos_id in ids:
-            ids = ids[: ids.index(lm.tokenizer.eos_id)]
-        text = lm.tokenizer.decode(ids)
+        return tuple(until), min(new_tokens, lm.max_length - 1)
+
+    def _prompt(self, context: str, new_tokens: int) -> list[int]:
+        """The context's last tokens that leave room for ``new_tokens``."""
+        lm = self.lm
+        return (lm.encode(context) or [lm.prefix_token])[-(lm.max_length - new_tokens) :]
+
+    def _text(self, ids: list[int], until: tuple[str, ...]) -> str:
+        eos = self.lm.tokenizer.eos_id
+        text = self.lm.tokenizer.decode(ids[: ids.index(eos)] if eos in ids else ids)
         for stop in until:
             if stop:
                 text = text.split(stop)[0]

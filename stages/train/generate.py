@@ -1,7 +1,8 @@
 """Text generation with a KV cache: greedy, temperature, top-k and nucleus (top-p) sampling.
 
-Prompts of different lengths are left-padded into one batch; the prompt is run once
-(prefill) and every new token costs one cached decoding step. The whole loop is one jitted
+Prompts of different lengths are left-padded into one batch, to a power-of-two width so
+that few shapes compile; the prompt is run once (prefill) and every new token costs one
+cached decoding step. The whole loop is one jitted
 ``lax.while_loop`` that stops when every row has produced EOS or ``max_new_tokens``.
 """
 
@@ -36,11 +37,21 @@ class Sampling:
 GREEDY = Sampling()
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids [B, P] right-aligned with ``pad_id`` before them, and their mask [B, P]."""
+def padded_width(longest: int, room: int) -> int:
+    """The prompt width a batch is padded to: the next power of two of its longest prompt
+    (at least 16), so a run of prompts of any lengths compiles a handful of loops, capped by
+    ``room`` (the cache slots the new tokens leave)."""
+    return max(longest, min(room, max(16, 1 << (longest - 1).bit_length())))
+
+
+def left_pad(
+    prompts: Sequence[Sequence[int]], pad_id: int, width: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids [B, width] right-aligned with ``pad_id`` before them, and their mask
+    [B, width]; ``width`` defaults to the longest prompt."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    width = max(len(p) for p in prompts)
+    width = max(width or 0, max(len(p) for p in prompts))
     tokens = np.full((len(prompts), width), pad_id, np.int32)
     mask = np.zeros((len(prompts), width), bool)
     for row, prompt in enumerate(prompts):
@@ -128,12 +139,13 @@ def generate(
     """
     if sampling.temperature > 0 and rng is None:
         raise ValueError("sampling with temperature > 0 needs an rng key")
-    tokens, mask = left_pad(prompts, pad_id)
-    if tokens.shape[1] + max_new_tokens > config.max_len:
+    longest = max((len(p) for p in prompts), default=0)
+    if longest + max_new_tokens > config.max_len:
         raise ValueError(
-            f"prompt of {tokens.shape[1]} + {max_new_tokens} new tokens exceeds "
-            f"max_len {config.max_len}"
+            f"prompt of {longest} + {max_new_tokens} new tokens exceeds max_len {config.max_len}"
         )
+    width = padded_width(longest, config.max_len - max_new_tokens)
+    tokens, mask = left_pad(prompts, pad_id, width)
     key = jax.random.key(0) if rng is None else rng
     # Token ids are never negative, so -1 stands for "no EOS"; both ids are traced values,
     # so changing them does not recompile the loop.
