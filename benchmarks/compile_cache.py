@@ -82,13 +82,14 @@ def synthetic_tokenized(out: str, seq: int, rows: int, vocab: int) -> str:
 
 
 def train_config(name: str, cache: str | None) -> str:
-    """The train config of ``name`` for one step, with ``cache`` as its compilation cache."""
+    """The train config of ``name`` with ``cache`` as its compilation cache. Two steps: the
+    last step validates before its record, and the first record should be a step alone."""
     spec = {k: v for k, v in CONFIGS[name].items() if k != "vocab"}
     return json.dumps(
         {
             **spec,
             "dtype": "float32",
-            "steps": 1,
+            "steps": 2,
             "checkpoint_every": 1000,
             "val_every": 1000,
             "val_batches": 1,

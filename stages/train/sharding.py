@@ -9,9 +9,9 @@ this module is the single place that says where they go.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from functools import partial
+from functools import cache, partial
 
 import flax.linen as nn
 import jax
@@ -64,8 +64,10 @@ def make_mesh(
     return Mesh(np.array(chosen).reshape(shape), MESH_AXES, axis_types=axis_types)
 
 
+@cache
 def logical_axes(config: ModelConfig) -> dict:
-    """The parameter tree with each leaf replaced by its logical PartitionSpec."""
+    """The parameter tree with each leaf replaced by its logical PartitionSpec (computed once
+    per config, since it traces the model: read it, do not change it)."""
     abstract = jax.eval_shape(partial(init_params, config), jax.random.key(0))
     return nn.get_partition_spec(abstract)
 
@@ -89,10 +91,16 @@ def micro_batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def init_sharded(config: ModelConfig, mesh: Mesh, rng: jax.Array) -> dict:
     """Unboxed parameters initialised directly into their shards (never whole on one device)."""
-    init = jax.jit(
+    return _initializer(config, mesh)(rng)
+
+
+@cache
+def _initializer(config: ModelConfig, mesh: Mesh) -> Callable[[jax.Array], dict]:
+    """One jitted initialiser per model and mesh, so that the shapes a trainer evaluates and
+    the parameters it then initialises come from one trace of the model."""
+    return jax.jit(
         lambda r: nn.unbox(init_params(config, r)), out_shardings=param_shardings(config, mesh)
     )
-    return init(rng)
 
 
 @contextmanager

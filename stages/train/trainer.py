@@ -187,7 +187,10 @@ class Trainer:
         self._compile()
 
     def _compile(self) -> None:
-        params = jax.eval_shape(partial(sharding.init_sharded, self.model, self.mesh), _key(0))
+        # In the context initial_state runs in, so that both share one trace of the model.
+        with sharding.activation_sharding(self.mesh):
+            init = partial(sharding.init_sharded, self.model, self.mesh)
+            params = jax.eval_shape(init, _key(0))
         opt_state = jax.eval_shape(self.tx.init, params)
         self.opt_shardings = optax.tree_map_params(
             self.tx,
