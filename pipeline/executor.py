@@ -27,7 +27,11 @@ import ray
 from pipeline import lineage, storage
 from pipeline.config import PipelineConfig
 from pipeline.ledger import Ledger
-from pipeline.raydata import release_stranded_data_coordinator
+from pipeline.raydata import (
+    console_logging,
+    quiet_ray_data,
+    release_stranded_data_coordinator,
+)
 from pipeline.stage import REGISTRY, StageContext, Upstream, fingerprint, resolved_config_path
 from pipeline.status import FAILED, RUNNING, SUCCESS, Lease, is_stale, read_status
 
@@ -161,7 +165,8 @@ class StageActor:
         for module in config.stage_modules:
             importlib.import_module(module)
         self.config = config
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        console_logging()
+        quiet_ray_data()
 
     def execute(
         self, invocation: Invocation, stage: PlannedStage, force: bool, *upstream: Outcome

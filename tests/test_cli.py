@@ -7,6 +7,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -64,6 +65,8 @@ def test_demo_download_runs_skips_and_forces(tmp_path):
     first = meshline("run", DEMO, "--stage", "download", "--set", f"root={root}")
     assert first.returncode == 0, first.stdout + first.stderr
     assert "download   done" in first.stdout
+    # The stage actor's own summary reaches the console (its INFO lines once did not).
+    assert re.search(r"download: \d+ files, [\d.]+ MB in", first.stdout + first.stderr)
     report = status(DEMO, root)["download"]
     assert report["state"] == "DONE" and report["digest"]
     mirror = glob.glob(os.path.join(root, "demo_corpus-*"))[0]

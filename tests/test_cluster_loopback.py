@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -303,6 +304,22 @@ def committed(root: Path, stage: str) -> int:
     return len(Ledger(str(outputs[0])).records()) if outputs else 0
 
 
+def assert_console_tells_the_run(console: str) -> None:
+    """What a person following the job's log reads: each stage's summary and the training
+    steps as they go, and none of Ray Data's progress bars or execution plans."""
+    for summary in (
+        r"download: \d+ files",
+        r"dedup: \d+ docs in, \d+ out",
+        r"tokenize: train \d+ rows",
+        r"train: step \d+/\d+: loss [\d.]+",
+        r"train: \d+ steps, train loss",
+        r"evaluate: \d+ metrics in",
+    ):
+        assert re.search(summary, console), summary
+    assert "Starting execution of Dataset" not in console
+    assert "Running Dataset" not in console
+
+
 @pytest.mark.timeout(1200)
 def test_demo_submitted_spreads_over_nodes_and_a_forced_stage_survives_a_node_kill(
     cluster, tracking, tmp_path
@@ -312,6 +329,7 @@ def test_demo_submitted_spreads_over_nodes_and_a_forced_stage_survives_a_node_ki
     job = submit(cluster, config, tmp_path / "first.log")
     assert job.wait(timeout=900) == 0, (tmp_path / "first.log").read_text()[-4000:]
     assert "SUCCEEDED" in (tmp_path / "first.log").read_text()
+    assert_console_tells_the_run((tmp_path / "first.log").read_text())
     assert stage_states(config) == dict.fromkeys(STAGES, "DONE")
     first = statuses(root)
     nodes = {node["node_id"] for node in cluster.alive_nodes() or []}

@@ -37,6 +37,7 @@ from ray.train.v2.jax import JaxTrainer
 from ray.util.queue import Empty, Queue
 
 from pipeline import storage
+from pipeline.raydata import console_logging
 from stages.train import malloc
 from stages.train.config import PlacementConfig, TrainConfig
 
@@ -135,7 +136,7 @@ def worker_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
 
     from stages.train.trainer import Trainer
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    console_logging()
     config: TrainConfig = loop_config["config"]
     if config.placement.platform == "cpu":
         _join_cpu_processes()
