@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -52,14 +53,44 @@ def ray_cluster(gcs_emulator: str) -> Iterator[None]:
     ray.shutdown()
 
 
+def kill_leftover_pool_actors() -> list[str]:
+    """Kill the Ray Data pool actors this test process's job still has alive, and name them.
+    Between tests no dataset runs, so any is a leftover: in CI an Encoder of a tokenize test
+    whose dataset failed on purpose was still alive minutes later, holding one of the
+    cluster's two CPUs, and the next train worker group waited for it without end."""
+    import ray
+    from ray._private.state import actors
+
+    job = ray.get_runtime_context().get_job_id()
+    leftovers = [
+        (actor_id, info["ActorClassName"])
+        for actor_id, info in actors(actor_state_name="ALIVE").items()
+        if info["JobID"] == job and info["ActorClassName"].startswith("MapWorker(")
+    ]
+    core_worker = ray._private.worker.global_worker.core_worker
+    killed = []
+    for actor_id, name in leftovers:
+        # Only an actor this process holds a handle to can be killed from here; any other
+        # is named by wait_for_free_cpus if it keeps the CPUs.
+        with contextlib.suppress(ray.exceptions.ActorHandleNotFoundError):
+            core_worker.kill_actor(ray.ActorID.from_hex(actor_id), True)
+            killed.append(name)
+    return killed
+
+
 def wait_for_free_cpus(cpus: float, timeout: float = 120.0) -> None:
-    """Wait until the ``ray_cluster``'s CPUs are free for work that needs ``cpus`` at once;
-    fail naming the live actors otherwise. A test that places a worker group would else wait
-    for them without end, behind work an earlier test left running."""
+    """Wait until the ``ray_cluster``'s CPUs are free for work that needs ``cpus`` at once
+    (leftover Ray Data pool actors killed first); fail naming the live actors otherwise. A
+    test that places a worker group would else wait for them without end, behind work an
+    earlier test left running."""
+    import logging
     import time
 
     import ray
 
+    killed = kill_leftover_pool_actors()
+    if killed:
+        logging.getLogger(__name__).warning("killed leftover Ray Data actors: %s", killed)
     deadline = time.monotonic() + timeout
     while ray.available_resources().get("CPU", 0.0) < cpus:
         if time.monotonic() > deadline:

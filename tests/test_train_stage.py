@@ -17,6 +17,7 @@ from pipeline.stage import StageContext, Upstream
 from stages.train.config import TrainConfig
 from stages.train.model_config import ModelConfig
 from stages.train.stage import run
+from tests.conftest import wait_for_free_cpus
 from tests.train_data import write_tokenized
 
 CONFIG = dict(
@@ -63,6 +64,7 @@ def test_two_hosts_of_two_devices_train_like_one_of_four(ray_cluster: None, tmp_
         ledger=Ledger(str(out)),
         metric_sink=logged.append,
     )
+    wait_for_free_cpus(2)
     run(ctx)
     steps = [r for r in logged if "step" in r]
     assert [r["step"] for r in steps] == list(range(1, 7))
