@@ -121,6 +121,7 @@ class MeshlineLM(LM):
         return (lm.encode(context) or [lm.prefix_token])[-(lm.max_length - new_tokens) :]
 
     def _text(self, ids: list[int], until: tuple[str, ...]) -> str:
+        """The decoded continuation up to its first EOS, cut at the first stop string."""
         eos = self.lm.tokenizer.eos_id
         text = self.lm.tokenizer.decode(ids[: ids.index(eos)] if eos in ids else ids)
         for stop in until:

@@ -2,8 +2,8 @@
 
 Prompts of different lengths are left-padded into one batch, to a power-of-two width so
 that few shapes compile; the prompt is run once (prefill) and every new token costs one
-cached decoding step. The whole loop is one jitted
-``lax.while_loop`` that stops when every row has produced EOS or ``max_new_tokens``.
+cached decoding step. The whole loop is one jitted ``lax.while_loop`` that stops when every
+row has produced EOS or ``max_new_tokens``.
 """
 
 from __future__ import annotations
