@@ -22,6 +22,7 @@ from stages.convert import ConvertError
 from stages.evaluate import metrics
 from stages.evaluate.harness import bucket, encode_pair, model_input, rolling_windows, split_prefix
 from stages.evaluate.lm import JaxLM, _batches
+from stages.evaluate.shapes import run_shapes
 from stages.evaluate.tasks import TaskDataError, evaluate_task, load_documents
 from stages.tokenize.bpe import train_bpe
 from stages.tokenize.tokenizer import Tokenizer
@@ -245,3 +246,19 @@ def test_evaluate_task_reports_harness_keys() -> None:
     result = evaluate_task(tiny_lm(4), "lambada_openai", docs, bootstrap_iters=1000)
     keys = {"perplexity,none", "perplexity_stderr,none", "acc,none", "acc_stderr,none"}
     assert set(result.metrics) == keys and result.samples == 2
+
+
+def test_rare_shapes_run_padded_to_a_compiled_larger_one() -> None:
+    def area(shape: tuple[int, ...]) -> int:
+        return shape[0] * shape[1]
+
+    shapes = [(4, 64), (4, 32), (2, 128), (4, 24), *[(4, 8)] * 50, (2, 8)]
+    got = run_shapes(shapes, area)
+    # Padding one run to twice its size costs one run of its own: as much as a compile.
+    assert got[1] == (4, 64)
+    # Nothing compiled holds (2, 128).
+    assert got[2] == (2, 128)
+    # One run padded 8/3x, or fifty padded 4x, would cost more than their own compile.
+    assert got[3] == (4, 24)
+    assert got[4:54] == [(4, 8)] * 50
+    assert got[54] == (4, 8)

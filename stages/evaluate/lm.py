@@ -13,7 +13,8 @@ scored count's bucket, and identical requests are scored once.
 Batches hold groups sorted by padded length; prefix, inputs, group, row and scored-position
 counts are padded to a few bucket sizes, so jit compiles a handful of shapes per task. Rows
 per batch are bounded by ``batch_size`` and by a token budget, so long rolling windows do not
-run out of memory.
+run out of memory. A batch whose shape recurs too rarely to pay for its own compile runs
+padded to a larger shape already compiled for the task (``shapes.run_shapes``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from tqdm import tqdm
 from pipeline import storage
 from stages.convert.hf_dir import CONFIG, import_hf
 from stages.evaluate.harness import Scored, bucket, encode_pair, rolling_windows, split_prefix
+from stages.evaluate.shapes import Shape, run_shapes
 from stages.tokenize.tokenizer import DESCRIPTOR, HF_TOKENIZER, RANKS, Tokenizer, TokenizerError
 from stages.train.model import KVCache, Transformer
 from stages.train.model_config import ModelConfig
@@ -184,6 +186,50 @@ def _batches(
         yield _pack(unique, chosen, row_cap(width_p, width_t), pad_id), rows
 
 
+def _shape(batch: _Batch) -> Shape:
+    """(groups, prefix width, rows, input width, scored positions)."""
+    return (*batch.prefix.shape, *batch.inputs.shape, len(batch.scored))
+
+
+def _cost(config: ModelConfig, shape: Shape) -> int:
+    """Multiply-adds of a batch: the blocks over every padded token, lm_head over the scored."""
+    groups, width_p, rows, width_t, n_scored = shape
+    per_token = config.n_layers * (4 * config.d_model**2 + 2 * config.d_model * config.d_ff)
+    return (
+        per_token * (groups * width_p + rows * width_t)
+        + n_scored * config.d_model * config.vocab_size
+    )
+
+
+def _widen(batch: _Batch, shape: Shape, pad_id: int) -> _Batch:
+    """``batch`` padded to the larger ``shape``: prefix columns on the left (prefixes are
+    left-padded), input columns on the right, rows and scored entries at the end."""
+    groups, width_p, rows, width_t, n_scored = shape
+    old_g, old_p = batch.prefix.shape
+    old_r, old_t = batch.inputs.shape
+    prefix = np.full((groups, width_p), pad_id, np.int32)
+    prefix_mask = np.zeros((groups, width_p), bool)
+    prefix[:old_g, width_p - old_p :] = batch.prefix
+    prefix_mask[:old_g, width_p - old_p :] = batch.prefix_mask
+    inputs = np.full((rows, width_t), pad_id, np.int32)
+    input_mask = np.zeros((rows, width_t), bool)
+    inputs[:old_r, :old_t] = batch.inputs
+    input_mask[:old_r, :old_t] = batch.input_mask
+    scored = np.zeros(n_scored, np.int32)
+    scored[: len(batch.scored)] = batch.scored // old_t * width_t + batch.scored % old_t
+    return _Batch(
+        prefix,
+        prefix_mask,
+        np.pad(batch.rows, (0, rows - old_r)),
+        inputs,
+        input_mask,
+        scored,
+        np.pad(batch.targets, (0, n_scored - len(batch.targets))),
+        np.pad(batch.real, (0, n_scored - len(batch.real))),
+        batch.members,
+    )
+
+
 def _floor_pow2(n: int) -> int:
     return 1 << (n.bit_length() - 1)
 
@@ -256,8 +302,13 @@ class JaxLM:
             index_of.setdefault(scored, len(index_of))
         unique = list(index_of)
         results: list[tuple[float, bool]] = [(0.0, False)] * len(unique)
+        batches = list(_batches(unique, self.batch_size, self.prefix_token))
+        cost = partial(_cost, self.config)
+        shapes = run_shapes([_shape(batch) for batch, _ in batches], cost)
         with tqdm(total=len(unique), desc="loglikelihood", disable=len(unique) < 64) as bar:
-            for batch, real in _batches(unique, self.batch_size, self.prefix_token):
+            for (batch, real), shape in zip(batches, shapes, strict=True):
+                if shape != _shape(batch):
+                    batch = _widen(batch, shape, self.prefix_token)
                 sums, greedy = _score(
                     self.config,
                     self.params,

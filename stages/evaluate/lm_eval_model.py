@@ -22,9 +22,10 @@ from lm_eval.api.registry import register_model
 from pipeline import storage
 from stages.convert.hf_dir import CONFIG
 from stages.evaluate.lm import JaxLM
+from stages.evaluate.shapes import run_shapes
 from stages.tokenize.tokenizer import load_tokenizer
 from stages.train.compile_cache import USER_CACHE, use_compilation_cache
-from stages.train.generate import generate
+from stages.train.generate import generate, padded_width
 
 DEFAULT_MAX_GEN_TOKS = 256
 
@@ -85,25 +86,34 @@ class MeshlineLM(LM):
     def generate_until(self, requests: list[Instance]) -> list[str]:
         """Greedy continuations, cut at the first of ``until`` (default: EOS text). Prompts
         with the same options decode together, longest first, ``batch_size`` at a time: a
-        few compiled loops and batched steps instead of one of each per prompt."""
+        few compiled loops and batched steps instead of one of each per prompt (a chunk
+        whose shape would not pay for its compile runs padded to one already compiled)."""
         by_options: dict[tuple[tuple[str, ...], int], list[int]] = {}
         for index, request in enumerate(requests):
             by_options.setdefault(self._options(request.args[1]), []).append(index)
         texts: list[str] = [""] * len(requests)
+        lm = self.lm
         for (until, new_tokens), indices in by_options.items():
             prompts = {i: self._prompt(requests[i].args[0], new_tokens) for i in indices}
             order = sorted(indices, key=lambda i: -len(prompts[i]))
-            for start in range(0, len(order), self.lm.batch_size):
-                chunk = order[start : start + self.lm.batch_size]
+            chunks = [order[s : s + lm.batch_size] for s in range(0, len(order), lm.batch_size)]
+            room = lm.config.max_len - new_tokens
+            own = [(len(c), padded_width(max(len(prompts[i]) for i in c), room)) for c in chunks]
+            shapes = run_shapes(own, lambda shape, n=new_tokens: shape[0] * (shape[1] + n))
+            for chunk, (rows, width) in zip(chunks, shapes, strict=True):
+                batch = [prompts[i] for i in chunk]
+                # Filler rows repeat the last prompt, so they finish when it does.
+                batch += batch[-1:] * (rows - len(batch))
                 ids = generate(
-                    self.lm.config,
-                    self.lm.params,
-                    [prompts[i] for i in chunk],
+                    lm.config,
+                    lm.params,
+                    batch,
                     new_tokens,
-                    eos_id=self.lm.tokenizer.eos_id,
+                    eos_id=lm.tokenizer.eos_id,
                     pad_id=0,
+                    width=width,
                 )
-                for i, row in zip(chunk, ids, strict=True):
+                for i, row in zip(chunk, ids, strict=False):
                     texts[i] = self._text(row.tolist(), until)
         return texts
 

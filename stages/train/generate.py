@@ -131,11 +131,13 @@ def generate(
     eos_id: int | None = None,
     pad_id: int = 0,
     rng: Array | None = None,
+    width: int = 0,
 ) -> np.ndarray:
     """New tokens [B, max_new_tokens] continuing each prompt (prompts not included).
 
     A row stops after it emits ``eos_id`` (which is kept); its remaining slots hold
-    ``pad_id``. ``rng`` is needed only when sampling (temperature > 0).
+    ``pad_id``. ``rng`` is needed only when sampling (temperature > 0). Prompts are padded to
+    at least ``width`` (one a caller has already compiled the loop for).
     """
     if sampling.temperature > 0 and rng is None:
         raise ValueError("sampling with temperature > 0 needs an rng key")
@@ -144,7 +146,7 @@ def generate(
         raise ValueError(
             f"prompt of {longest} + {max_new_tokens} new tokens exceeds max_len {config.max_len}"
         )
-    width = padded_width(longest, config.max_len - max_new_tokens)
+    width = max(width, padded_width(longest, config.max_len - max_new_tokens))
     tokens, mask = left_pad(prompts, pad_id, width)
     key = jax.random.key(0) if rng is None else rng
     # Token ids are never negative, so -1 stands for "no EOS"; both ids are traced values,
