@@ -4,7 +4,9 @@ A training step, an evaluation bucket or a decode step compiled once is written 
 cache directory; a restarted or resumed train stage, a second evaluate run or another
 lm-eval run with the same shapes loads the executable instead of compiling it again. JAX's
 default keeps only programs that took over a second to compile; the thresholds here keep
-every program, so the small models of the demo and the tests are cached too.
+every program, so the small models of the demo and the tests are cached too. A ``gs://``
+directory works as a local one: JAX reaches it through etils' ``epath``, which uses
+``gcsfs`` (a dependency for that reason), so every host of a pod shares one cache.
 """
 
 from __future__ import annotations
