@@ -20,6 +20,8 @@ from importlib.metadata import entry_points
 
 from pipeline import executor, storage
 from pipeline.config import ConfigError, PipelineConfig, load_config
+from pipeline.logs import console_logging, last_line
+from pipeline.secrets import redact_url
 
 log = logging.getLogger("meshline")
 COMMAND_GROUP = "meshline.commands"
@@ -27,6 +29,7 @@ COMMAND_GROUP = "meshline.commands"
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="pipeline YAML, e.g. configs/demo.yaml")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -48,6 +51,9 @@ def _add_selection_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--force", action="store_true", help="discard the selected stages' outputs and redo them"
+    )
+    parser.add_argument(
+        "--verbose", action="store_true", help="show Ray Data's progress bars and plans too"
     )
 
 
@@ -78,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_run(config: PipelineConfig, args: argparse.Namespace) -> int:
     started = time.time()
-    results = executor.run_pipeline(config, args.stages, args.force, " ".join(sys.argv))
+    results = executor.run_pipeline(
+        config, args.stages, args.force, " ".join(sys.argv), verbose=args.verbose, debug=args.debug
+    )
     print(f"\nmeshline run {config.name}: {time.time() - started:.1f}s")
     failed = 0
     for name, result in results.items():
@@ -87,7 +95,7 @@ def cmd_run(config: PipelineConfig, args: argparse.Namespace) -> int:
             print(f"  {name:<10} {verb:<8} {result.seconds:7.1f}s  {result.upstream.uri}")
         else:
             failed += 1
-            print(f"  {name:<10} FAILED    {str(result).strip().splitlines()[-1]}")
+            print(f"  {name:<10} FAILED    {last_line(result)}")
     return 1 if failed else 0
 
 
@@ -138,19 +146,33 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status 0 on success, 1 when a stage or the command failed, 2 for a usage or
+    config error; errors are one line (a line per config field) unless ``--debug``."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    handler = getattr(args, "handler", None)
-    if handler is not None:
-        return handler(args)
+    console_logging("%(asctime)s %(message)s")
     try:
+        handler = getattr(args, "handler", None)
+        if handler is not None:
+            return handler(args)
         config = load_config(args.config, args.overrides)
         if not storage.is_gcs(config.root):
             config = config.model_copy(update={"root": config.stage_root()})
         return COMMANDS[args.command](config, args)
-    except ConfigError as error:
-        print(f"meshline: {error}", file=sys.stderr)
-        return 2
+    except Exception as error:
+        if getattr(args, "debug", False):
+            raise
+        credentials = type(error).__module__.startswith("google.auth")
+        usage = isinstance(error, ConfigError) or credentials
+        text = str(error) if usage else f"{type(error).__name__}: {last_line(error)}"
+        if credentials:
+            text = (
+                f"GCS credentials: {last_line(error)} (point GOOGLE_APPLICATION_CREDENTIALS at a "
+                "key file, or run `gcloud auth application-default login`)"
+            )
+        print(f"meshline: {redact_url(text)}", file=sys.stderr)
+        if not usage:
+            print("meshline: --debug shows the traceback", file=sys.stderr)
+        return 2 if usage else 1
 
 
 if __name__ == "__main__":

@@ -131,9 +131,14 @@ def validate(data: dict[str, Any], source: str = "<config>") -> PipelineConfig:
         except ValidationError as e:
             errors.append(_format_errors(source, ("stages", name), e))
     for name, stage in stages.items():
-        for needed in REGISTRY[name].inputs:
-            if needed not in stages:
-                errors.append(f"{source}: stages.{name}: needs stage {needed!r}, not configured")
+        missing = [needed for needed in REGISTRY[name].inputs if needed not in raw_stages]
+        errors.extend(
+            f"{source}: stages.{name}: needs stage {n!r}, not configured" for n in missing
+        )
+        if any(needed not in stages for needed in REGISTRY[name].upstream(raw_stages)):
+            # An input configured but invalid has its own error above; checking against it
+            # would only add lines pointing at this stage.
+            continue
         try:
             stage.check_inputs(REGISTRY[name].upstream(stages))
         except ValueError as e:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
 import traceback
 import uuid
@@ -25,13 +26,11 @@ from dataclasses import dataclass, field
 import ray
 
 from pipeline import lineage, storage
-from pipeline.config import PipelineConfig
+from pipeline.config import ConfigError, PipelineConfig
 from pipeline.ledger import Ledger
-from pipeline.raydata import (
-    console_logging,
-    quiet_ray_data,
-    release_stranded_data_coordinator,
-)
+from pipeline.logs import LOG_FILE, console_logging, kept_log, last_line
+from pipeline.raydata import quiet_ray_data, release_stranded_data_coordinator
+from pipeline.secrets import redact_url
 from pipeline.stage import REGISTRY, StageContext, Upstream, fingerprint, resolved_config_path
 from pipeline.status import FAILED, RUNNING, SUCCESS, Lease, is_stale, read_status
 
@@ -83,7 +82,7 @@ def plan(config: PipelineConfig) -> dict[str, PlannedStage]:
         if name in planned:
             return
         if name in visiting:
-            raise ValueError(f"stage graph has a cycle through {name!r}")
+            raise ConfigError(f"stage graph has a cycle through {name!r}")
         visiting.add(name)
         inputs = REGISTRY[name].upstream(config.stages)
         for upstream in inputs:
@@ -101,7 +100,9 @@ def select(planned: dict[str, PlannedStage], names: list[str]) -> list[str]:
     """The named stages plus everything upstream of them, in dependency order."""
     unknown = [n for n in names if n not in planned]
     if unknown:
-        raise ValueError(f"unknown stage(s) {unknown}; this config has {list(planned)}")
+        raise ConfigError(
+            f"--stage {', '.join(unknown)}: no such stage; this config has {', '.join(planned)}"
+        )
     wanted: set[str] = set()
     stack = list(names or planned)
     while stack:
@@ -159,14 +160,15 @@ class Invocation:
 class StageActor:
     """Runs one stage. Ray restarts it if its process dies; the retried call resumes."""
 
-    def __init__(self, config: PipelineConfig):
+    def __init__(self, config: PipelineConfig, verbose: bool = False):
         import importlib
 
         for module in config.stage_modules:
             importlib.import_module(module)
         self.config = config
         console_logging()
-        quiet_ray_data()
+        if not verbose:
+            quiet_ray_data()
 
     def execute(
         self, invocation: Invocation, stage: PlannedStage, force: bool, *upstream: Outcome
@@ -238,8 +240,9 @@ def _produce(
                 log_artifact=run.log_artifact,
                 register_model=run.register_model,
             )
-            log.info("%s: producing %s", stage.name, stage.output)
-            _run_through_node_losses(spec.run, context)
+            with kept_log(stage.output, run.log_artifact):
+                log.info("%s: producing %s", stage.name, stage.output)
+                _run_through_node_losses(spec.run, context)
             digest = ledger.digest()
             run.tag_digest(digest)
     except BaseException:
@@ -293,17 +296,40 @@ def connect(config: PipelineConfig) -> None:
     if ray.is_initialized():
         return
     address = config.ray_address or os.environ.get("RAY_ADDRESS") or "local"
+    _check_reachable(address)
     ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
 
 
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """A ``ConfigError`` naming ``address`` when nothing listens there: ``ray.init`` would
+    retry an unreachable GCS for minutes."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # "local", "auto": Ray finds or starts the cluster itself
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as error:
+        raise ConfigError(
+            f"cannot reach the Ray cluster at {redact_url(address)} (ray_address or "
+            f"RAY_ADDRESS): {error}"
+        ) from None
+
+
 def run_pipeline(
-    config: PipelineConfig, stages: list[str], force: bool, command: str
+    config: PipelineConfig,
+    stages: list[str],
+    force: bool,
+    command: str,
+    verbose: bool = False,
+    debug: bool = False,
 ) -> dict[str, Outcome | BaseException]:
-    """Run the selected stages (and what they need); returns each stage's outcome or error."""
+    """Run the selected stages (and what they need); returns each stage's outcome or error.
+    ``verbose``: Ray Data's own progress output too; ``debug``: failed stages' tracebacks."""
     planned = plan(config)
     order = select(planned, stages)
     forced = set(stages or order) if force else set()
     tracking_uri = config.resolved_tracking_uri()
+    connect(config)
     if not storage.is_gcs(config.root):
         os.makedirs(config.stage_root(), exist_ok=True)
     artifacts = storage.join(config.stage_root(), "mlartifacts")
@@ -311,7 +337,6 @@ def run_pipeline(
     invocation_id = uuid.uuid4().hex[:12]
     parent = lineage.PipelineRun.start(tracking_uri, experiment_id, invocation_id, command)
     invocation = Invocation(invocation_id, parent)
-    connect(config)
     refs: dict[str, ray.ObjectRef] = {}
     for name in order:
         actor = StageActor.options(
@@ -323,19 +348,20 @@ def run_pipeline(
             # Stage actors live as long as their stage and do its in-process work (training
             # hosts, export, scoring): spread them rather than stack them on the driver's node.
             scheduling_strategy="SPREAD",
-        ).remote(config)
+        ).remote(config, verbose)
         upstream_refs = [refs[u] for u in planned[name].inputs]
         refs[name] = actor.execute.remote(invocation, planned[name], name in forced, *upstream_refs)
-    results = _collect(refs, planned)
+    results = _collect(refs, planned, debug)
     ok = all(isinstance(r, Outcome) for r in results.values())
     parent.end(ok)
     return results
 
 
 def _collect(
-    refs: dict[str, ray.ObjectRef], planned: dict[str, PlannedStage]
+    refs: dict[str, ray.ObjectRef], planned: dict[str, PlannedStage], debug: bool
 ) -> dict[str, Outcome | BaseException]:
-    """Wait for every stage, logging each as it ends; failures do not stop the others."""
+    """Wait for every stage, logging each as it ends; failures do not stop the others. A
+    failure is its error's last line, and where its log is (the whole error with ``debug``)."""
     names = {ref: name for name, ref in refs.items()}
     results: dict[str, Outcome | BaseException] = {}
     pending = list(refs.values())
@@ -347,7 +373,9 @@ def _collect(
         except ray.exceptions.RayError as error:
             results[name] = error
             if not any(isinstance(results.get(u), BaseException) for u in planned[name].inputs):
-                log.error("%s: FAILED\n%s", name, error)
+                where = storage.join(planned[name].output, LOG_FILE)
+                detail = str(error) if debug else f"{last_line(error)} (the traceback: {where})"
+                log.error("%s: FAILED: %s", name, detail)
             continue
         results[name] = outcome
         verb = "reused" if outcome.reused else "done"

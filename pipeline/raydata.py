@@ -17,20 +17,6 @@ DATA_COORDINATOR = ("AutoscalingCoordinator", "AutoscalingCoordinator")
 """Name and namespace of Ray Data's cluster-wide autoscaling coordinator actor."""
 
 
-OUR_LOGGERS = ("meshline", "pipeline", "stages")
-"""The loggers whose INFO lines a person running the pipeline reads."""
-
-
-def console_logging() -> None:
-    """Our INFO lines from this Ray process reach the console (through Ray's log forwarding);
-    libraries' (Orbax, JAX) only from WARNING. ``force``: a library imported before (absl,
-    through Orbax) has already given the root logger a handler, so a plain ``basicConfig``
-    would do nothing and leave our loggers at the root's WARNING."""
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", force=True)
-    for name in OUR_LOGGERS:
-        logging.getLogger(name).setLevel(logging.INFO)
-
-
 def quiet_ray_data() -> None:
     """Ray Data's own console output off in this process: its progress bars, the plan it
     prints when a dataset starts and its INFO logs (hints about its progress UI). The stages

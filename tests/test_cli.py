@@ -23,6 +23,7 @@ import pytest
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from pipeline import lineage
+from pipeline.logs import LOG_FILE
 from stages.demo_corpus import CHECKSUMS, DemoCorpusConfig, build_demo_corpus
 from tests.autoscaling import free_port, own_ports
 from tests.httpserver import FileServer
@@ -111,16 +112,63 @@ def test_demo_download_runs_skips_and_forces(tmp_path):
     assert [r.data.tags[lineage.TAG_REUSED_FROM] for r in reused] == [report["mlflow_run_id"]]
     parents = {r.data.tags["mlflow.parentRunId"] for r in runs}
     assert all(client.get_run(p).info.status == "FINISHED" for p in parents)
+    # The stage's log is kept in its output and in its MLflow run.
+    kept = Path(after["output"], LOG_FILE).read_text()
+    assert re.search(r"INFO meshline.download: download: \d+ files, [\d.]+ MB in", kept)
+    logged = client.download_artifacts(after["mlflow_run_id"], "logs/log.txt", str(tmp_path))
+    assert Path(logged).read_text() == kept
 
 
-def test_dag_and_config_errors():
+def one_line_error(result: subprocess.CompletedProcess, status: int, says: str) -> None:
+    """``result`` failed with ``status`` and said ``says`` in one line, without a traceback."""
+    assert result.returncode == status, result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("meshline: ")]
+    assert len(errors) == 1 and says in errors[0], result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_dag_and_config_errors(tmp_path):
     dag = meshline("dag", DEMO, "--set", "root=/tmp/x")
     assert dag.returncode == 0 and "download" in dag.stdout and "/tmp/x/download-" in dag.stdout
     bad = meshline("run", DEMO, "--set", "stages.download.concurency=2")
-    assert bad.returncode == 2
-    assert "demo.yaml: stages.download.concurency: Extra inputs are not permitted" in bad.stderr
+    one_line_error(bad, 2, "demo.yaml: stages.download.concurency: Extra inputs are not permitted")
     wrong = meshline("status", DEMO, "--set", "stages.demo_corpus.train_shards=lots")
-    assert wrong.returncode == 2 and "stages.demo_corpus.train_shards" in wrong.stderr
+    one_line_error(wrong, 2, "stages.demo_corpus.train_shards")
+    # The field is named once, without lines about the stages that read the invalid one.
+    one_line_error(meshline("dag", DEMO, "--set", "stages.dedup.treshold=0.8"), 2, "treshold")
+    unknown = meshline("run", DEMO, "--stage", "foo", "--set", f"root={tmp_path}")
+    one_line_error(unknown, 2, "--stage foo: no such stage; this config has demo_corpus")
+    one_line_error(meshline("run", DEMO, "--set", "stages"), 2, "--set 'stages': expected")
+    one_line_error(meshline("status", "nope.yaml"), 2, "nope.yaml: no such config file")
+    cluster = ["--set", f"root={tmp_path}", "--set", f"ray_address=127.0.0.1:{free_port()}"]
+    one_line_error(meshline("run", DEMO, *cluster), 2, "cannot reach the Ray cluster at 127.0.0.1")
+    assert not Path(tmp_path, "mlflow.db").exists()
+    no_key = subprocess.run(
+        [MESHLINE, "status", DEMO, "--set", "root=gs://bucket/x"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "GOOGLE_APPLICATION_CREDENTIALS": str(tmp_path / "key.json")},
+    )
+    one_line_error(no_key, 2, f"GCS credentials: File {tmp_path / 'key.json'} was not found")
+    debug = meshline("run", DEMO, "--stage", "foo", "--debug")
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+def test_a_failed_stage_is_one_line_and_its_log_keeps_the_traceback(tmp_path):
+    config = tmp_path / "failing.yaml"
+    url = f"http://127.0.0.1:{free_port()}/x.jsonl"
+    config.write_text(
+        f"name: failing\nroot: {tmp_path}\nstages:\n  download: {{sources: [{url}], retries: 0}}\n"
+    )
+    failed = meshline("run", str(config))
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert "Traceback" not in failed.stdout + failed.stderr
+    said = re.search(r"download: FAILED: (.+) \(the traceback: (\S+)\)", failed.stderr)
+    assert said and "x.jsonl" in said.group(1), failed.stderr
+    kept = Path(said.group(2)).read_text()
+    assert "Traceback (most recent call last)" in kept and "x.jsonl" in kept
+    assert "download   FAILED" in failed.stdout
 
 
 @pytest.fixture

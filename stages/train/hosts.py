@@ -37,7 +37,7 @@ from ray.train.v2.jax import JaxTrainer
 from ray.util.queue import Empty, Queue
 
 from pipeline import storage
-from pipeline.raydata import console_logging
+from pipeline.logs import console_logging
 from stages.train import malloc
 from stages.train.config import PlacementConfig, TrainConfig
 
