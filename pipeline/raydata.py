@@ -19,14 +19,18 @@ DATA_COORDINATOR = ("AutoscalingCoordinator", "AutoscalingCoordinator")
 
 def quiet_ray_data() -> None:
     """Ray Data's own console output off in this process: its progress bars, the plan it
-    prints when a dataset starts and its INFO logs (hints about its progress UI). The stages
-    log their own progress and summaries; Ray Data's warnings still show."""
+    prints when a dataset starts, its INFO logs (hints about its progress UI) and its warning
+    that the bars are off. The stages log their own progress and summaries; Ray Data's other
+    warnings still show."""
     import ray.data
+    from ray.util.debug import log_once
 
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # Ray Data warns once per process that its bars are off, under this key: spend it here.
+    log_once("ray_data_progress_manager_disabled")
 
 
 def release_stranded_data_coordinator(timeout: float = 30.0) -> None:

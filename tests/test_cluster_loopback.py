@@ -318,6 +318,7 @@ def assert_console_tells_the_run(console: str) -> None:
         assert re.search(summary, console), summary
     assert "Starting execution of Dataset" not in console
     assert "Running Dataset" not in console
+    assert "Progress bars disabled" not in console
 
 
 @pytest.mark.timeout(1200)

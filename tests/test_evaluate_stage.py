@@ -217,7 +217,12 @@ def test_demo_tasks_score_better_after_training(upstream: dict[str, str], tmp_pa
     assert ctx.metrics["scores_improved"] == len(better) == logged.metrics["scores_compared"]
 
     assert logged.artifacts["results/results.json"] == (out / "results.json").read_text()
-    assert "GPT-J-6B" in logged.artifacts["results/table.txt"]
+    assert logged.artifacts["results/table.txt"] == (out / "table.txt").read_text()
+    assert (out / "table.txt").read_text() == table(final_scores, initial_scores) + "\n"
+    markdown = (out / "table.md").read_text().splitlines()
+    assert markdown[0].startswith("| task | metric | ours | initial | GPT-J-6B |")
+    assert "| demo_lambada | acc |" in "\n".join(markdown)
+    assert len(markdown) == len(table(final_scores, initial_scores).splitlines())
     samples = logged.artifacts["samples/samples.txt"]
     assert "prompt: 'def '" in samples and "nucleus (top_p 0.9" in samples
 

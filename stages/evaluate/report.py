@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pipeline.stage import StageContext
-from stages.evaluate.config import FINAL
+from stages.evaluate.config import FINAL, INITIAL
 from stages.evaluate.published import GPT3_CURIE, GPTJ_6B, published
 
 RESULTS_UNIT = "results"
@@ -91,8 +91,8 @@ def improvements(final: dict[str, float], initial: dict[str, float]) -> dict[str
     return better
 
 
-def table(final: dict[str, float], initial: dict[str, float] | None) -> str:
-    """Our scores beside the initial model's and the published GPT-J-6B and GPT-3 Curie."""
+def _table_rows(final: dict[str, float], initial: dict[str, float] | None) -> list[list[str]]:
+    """The header and a row per score (stderrs left out)."""
 
     def cell(value: float | None) -> str:
         return "" if value is None else f"{value:.4g}"
@@ -111,10 +111,25 @@ def table(final: dict[str, float], initial: dict[str, float] | None) -> str:
             row.append(cell(initial.get(name)))
         row += [cell(published(GPTJ_6B, task, metric)), cell(published(GPT3_CURIE, task, metric))]
         rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return rows
+
+
+def table(final: dict[str, float], initial: dict[str, float] | None) -> str:
+    """Our scores beside the initial model's and the published GPT-J-6B and GPT-3 Curie, as
+    aligned text."""
+    rows = _table_rows(final, initial)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(line.rstrip() for line in lines)
+
+
+def markdown_table(final: dict[str, float], initial: dict[str, float] | None) -> str:
+    """``table`` as a Markdown table."""
+    rows = _table_rows(final, initial)
+    lines = ["| " + " | ".join(row) + " |" for row in rows]
+    lines.insert(1, "|" + "|".join("---" for _ in rows[0]) + "|")
+    return "\n".join(lines)
 
 
 def log_bytes(ctx: StageContext, name: str, data: bytes, artifact_dir: str) -> None:
@@ -127,13 +142,24 @@ def log_bytes(ctx: StageContext, name: str, data: bytes, artifact_dir: str) -> N
 
 
 def write_results(
-    ctx: StageContext, records: dict[str, list[dict[str, Any]]], model_args: str
+    ctx: StageContext,
+    records: dict[str, list[dict[str, Any]]],
+    measured: dict[str, dict[str, float]],
+    model_args: str,
 ) -> None:
-    """results.json (and results-initial.json), rewritten from the committed task records."""
+    """results.json (and results-initial.json) and the table of ``measured`` scores
+    (table.txt, table.md), rewritten from the committed task records; MLflow artifacts too."""
+    files = {
+        "results.json" if model == FINAL else f"results-{model}.json": json.dumps(
+            results_json(recs, model_args), indent=1
+        )
+        for model, recs in records.items()
+    }
+    files["table.txt"] = table(measured[FINAL], measured.get(INITIAL))
+    files["table.md"] = markdown_table(measured[FINAL], measured.get(INITIAL))
     with ctx.ledger.unit(RESULTS_UNIT) as unit:
-        for model, recs in records.items():
-            name = "results.json" if model == FINAL else f"results-{model}.json"
-            data = json.dumps(results_json(recs, model_args), indent=1).encode()
+        for name, text in files.items():
+            data = text.encode() + (b"" if name.endswith(".json") else b"\n")
             with unit.open(name) as f:
                 f.write(data)
             log_bytes(ctx, name, data, "results")

@@ -11,8 +11,9 @@ Ledger units (each a file under ``{out}``), so a restarted stage redoes only unf
 - ``task/{name}`` and, with ``compare_initial``, ``initial/task/{name}``: one task's
   metrics on the final checkpoint and on the model the training run started from
   (``scoring.py``);
-- ``results``: ``results.json`` (and ``results-initial.json``) in lm-eval's format, rebuilt
-  on every run from the committed task files, so it always lists what has been scored
+- ``results``: ``results.json`` (and ``results-initial.json``) in lm-eval's format and the
+  scores beside GPT-J-6B's published ones (``table.txt``, ``table.md``), rebuilt on every
+  run from the committed task files, so they always list what has been scored
   (``report.py``);
 - ``samples``: ``samples.txt``, greedy and nucleus continuations of a few prompts, also
   logged to MLflow as an artifact (``generation.py``).
@@ -39,7 +40,7 @@ from stages.evaluate.config import (
     TaskName,
     TaskSpec,
 )
-from stages.evaluate.report import improvements, log_bytes, scores, table, write_results
+from stages.evaluate.report import improvements, scores, table, write_results
 from stages.tokenize import load_tokenizer
 from stages.train.config import TrainConfig
 
@@ -117,8 +118,9 @@ def run(ctx: StageContext) -> None:
         for model, load in loads.items()
     }
     records = {model: scorer.score(specs, texts) for model, scorer in scorers.items()}
-    write_results(ctx, records, f"checkpoint={os.path.basename(train.uri.rstrip('/'))},step={step}")
     measured = {model: scores(recs) for model, recs in records.items()}
+    model_args = f"checkpoint={os.path.basename(train.uri.rstrip('/'))},step={step}"
+    write_results(ctx, records, measured, model_args)
     ctx.record(**measured[FINAL])
     if INITIAL in measured:
         ctx.record(**{f"{INITIAL}.{k}": v for k, v in measured[INITIAL].items()})
@@ -126,7 +128,6 @@ def run(ctx: StageContext) -> None:
         generation.write_samples(ctx, config.samples, lambda: scorers[FINAL].weights, tokenizer)
     shown = table(measured[FINAL], measured.get(INITIAL))
     log.info("evaluate: checkpoint step %d\n%s", step, shown)
-    log_bytes(ctx, "table.txt", shown.encode() + b"\n", "results")
     failures = [failure for scorer in scorers.values() for failure in scorer.failures]
     _finish(ctx, failures, measured, time.perf_counter() - started)
 
