@@ -13,8 +13,10 @@ import json
 import logging
 import os
 import shutil
+import socket
 import sys
 import time
+import webbrowser
 from dataclasses import asdict
 from importlib.metadata import entry_points
 
@@ -128,12 +130,42 @@ def cmd_submit(config: PipelineConfig, args: argparse.Namespace) -> int:
 
 
 def cmd_ui(config: PipelineConfig, args: argparse.Namespace) -> int:
+    """The pipeline's runs in MLflow's model-training view: on the tracking server when the
+    pipeline logs to one, else on an MLflow UI started here on its store."""
+    from pipeline import lineage
+
     uri = config.resolved_tracking_uri()
+    served = uri.startswith(("http://", "https://"))
+    store_exists = served or os.path.exists(uri.removeprefix("sqlite:///"))
+    experiment = lineage.experiment_id(uri, config.name) if store_exists else None
+    base = redact_url(uri) if served else f"http://{args.host}:{args.port}"
+    page = lineage.runs_page(base, experiment)
+    print(f"MLflow UI for {config.name}: {page}", flush=True)
+    if served:
+        return 0
     mlflow = shutil.which("mlflow") or "mlflow"
     argv = [mlflow, "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
-    print(f"MLflow UI for {config.name} on http://{args.host}:{args.port}", flush=True)
+    if os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or sys.platform == "darwin":
+        _open_when_listening(page, args.host, args.port)
     os.execv(mlflow, argv)
     return 0
+
+
+def _open_when_listening(page: str, host: str, port: int, limit: float = 60.0) -> None:
+    """Open ``page`` in the desktop's browser from a child process, once the server this
+    process is about to become listens."""
+    if os.fork():
+        return
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((host, port), timeout=1).close()
+        except OSError:
+            time.sleep(0.5)
+            continue
+        webbrowser.open(page)
+        break
+    os._exit(0)
 
 
 COMMANDS = {

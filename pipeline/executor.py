@@ -353,7 +353,7 @@ def run_pipeline(
         refs[name] = actor.execute.remote(invocation, planned[name], name in forced, *upstream_refs)
     results = _collect(refs, planned, debug)
     ok = all(isinstance(r, Outcome) for r in results.values())
-    parent.end(ok)
+    parent.end(ok, {n: r.run_id if isinstance(r, Outcome) else None for n, r in results.items()})
     return results
 
 

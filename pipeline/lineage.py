@@ -37,6 +37,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models.model import MLMODEL_FILE_NAME
 from mlflow.models.utils import get_external_mlflow_model_spec
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.utils.mlflow_tags import (
     MLFLOW_DATASET_CONTEXT,
     MLFLOW_MODEL_IS_EXTERNAL,
@@ -55,6 +56,13 @@ TAG_DIGEST = "meshline.output_digest"
 TAG_INVOCATION = "meshline.invocation"
 TAG_REGISTERED_BY = "meshline.registered_by_run_id"
 TAG_SOURCE = "meshline.source"
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"
+TRAINING_VIEW = "workflowType=machine_learning"
+TAG_NOTE = "mlflow.note.content"
+"""The run's description in the MLflow UI (Markdown)."""
+SYSTEM_METRICS_SECONDS = 5.0
+"""How often a stage run samples its node's CPU, memory, disk, network (and GPU) use."""
 MAX_PARAM_CHARS = 6000
 MLFLOW_DIGEST_CHARS = 32
 """MLflow caps dataset digests at 36 characters; the full sha256 goes in the profile."""
@@ -95,12 +103,34 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def create_experiment(tracking_uri: str, name: str, artifact_location: str) -> str:
-    """Create (or find) the pipeline's experiment; the driver calls this before stages."""
+    """Create (or find) the pipeline's experiment, tagged as model training; the driver
+    calls this before stages."""
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(name)
-    if experiment:
-        return experiment.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_location)
+    if experiment is None:
+        return client.create_experiment(
+            name, artifact_location=artifact_location, tags={TAG_EXPERIMENT_KIND: TRAINING_KIND}
+        )
+    if experiment.tags.get(TAG_EXPERIMENT_KIND) != TRAINING_KIND:
+        client.set_experiment_tag(experiment.experiment_id, TAG_EXPERIMENT_KIND, TRAINING_KIND)
+    return experiment.experiment_id
+
+
+def runs_page(ui_url: str, experiment_id: str | None, run_id: str | None = None) -> str:
+    """The MLflow UI's page of an experiment's runs (or of one run) in its model-training
+    view: MLflow 3's UI picks the view from the URL (or the browser's last choice), not from
+    the experiment's tag, and would otherwise open the GenAI overview."""
+    base = ui_url.rstrip("/")
+    if experiment_id is None:
+        return f"{base}/#/experiments?{TRAINING_VIEW}"
+    page = f"{base}/#/experiments/{experiment_id}/runs"
+    return f"{page}/{run_id}?{TRAINING_VIEW}" if run_id else f"{page}?{TRAINING_VIEW}"
+
+
+def experiment_id(tracking_uri: str, name: str) -> str | None:
+    """The id of experiment ``name`` in the store, None if it has none."""
+    experiment = MlflowClient(tracking_uri).get_experiment_by_name(name)
+    return experiment.experiment_id if experiment else None
 
 
 def end_run(client: MlflowClient, run_id: str, ok: bool) -> None:
@@ -210,8 +240,16 @@ class PipelineRun:
         )
         return cls(tracking_uri, experiment_id, run.info.run_id)
 
-    def end(self, ok: bool) -> None:
-        end_run(MlflowClient(self.tracking_uri), self.run_id, ok)
+    def end(self, ok: bool, stages: dict[str, str | None]) -> None:
+        """End the run, its description listing ``stages`` (name -> child run id, None
+        for a stage that failed) with a link to each child run."""
+        client = MlflowClient(self.tracking_uri)
+        lines = [f"`meshline run` of {len(stages)} stage(s):", ""]
+        for name, run_id in stages.items():
+            page = runs_page("", self.experiment_id, run_id).lstrip("/") if run_id else None
+            lines.append(f"- [{name}]({page})" if page else f"- {name}: failed")
+        client.set_tag(self.run_id, TAG_NOTE, "\n".join(lines))
+        end_run(client, self.run_id, ok)
 
     def _child(self, client: MlflowClient, stage: str, fingerprint: str, output: str) -> str:
         tags = {
@@ -239,11 +277,17 @@ class PipelineRun:
             client.log_batch(run_id, params=params[start : start + 100])
         if inputs:
             client.log_inputs(run_id, datasets=[_upstream_dataset(u) for u in inputs])
+        monitor = SystemMetricsMonitor(
+            run_id, sampling_interval=SYSTEM_METRICS_SECONDS, tracking_uri=self.tracking_uri
+        )
+        monitor.start()
         try:
             yield StageRun(client, run_id)
         except BaseException:
+            monitor.finish()
             end_run(client, run_id, ok=False)
             raise
+        monitor.finish()
         end_run(client, run_id, ok=True)
 
     def log_reused(

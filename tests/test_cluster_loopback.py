@@ -242,6 +242,10 @@ def assert_lineage_over_http(client: MlflowClient, first: dict[str, Status]) -> 
         }, stage
     (version,) = client.search_model_versions(f"name='{experiment.name}'")
     assert version.run_id == children["train"].info.run_id
+    # The training run sampled its node's use while it trained.
+    system = [key for key in children["train"].data.metrics if key.startswith("system/")]
+    assert "system/cpu_utilization_percentage" in system, system
+    assert experiment.tags[lineage.TAG_EXPERIMENT_KIND] == "custom_model_development"
     assert version.tags["meshline.tokenize_digest"] == first["tokenize"].digest
 
 

@@ -9,9 +9,10 @@ as a user would put them.
 Through ``MlflowClient`` over HTTP the test then finds the parent run, one child run per
 stage, their params, metrics and dataset inputs; and the password appears nowhere in the
 params, tags, dataset sources, the CLI's own output (stage actors' logs included), or the
-server's log. A second test opens the UI in headless Chromium (Debian's ``chromium``, which
-the README's test command installs): the runs page lists the parent run, the parent run's
-page names every stage's child run, and a screenshot of it is saved (under
+server's log. A second test opens the page ``meshline ui`` prints in headless Chromium
+(Debian's ``chromium``, which the README's test command installs): the runs page, in the
+model-training view, lists the parent run, the parent run's page names every stage's child
+run (its description links each), and a screenshot of it is saved (under
 ``$MESHLINE_TEST_ARTIFACTS`` if set).
 ``total`` registers its output in the Model Registry (as convert registers its export), and
 the version is found over HTTP with its source and the producing run.
@@ -212,15 +213,46 @@ def visible_text(html: str) -> str:
     return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", body))
 
 
+def ui_url(mlflow_server: str, tmp_path: Path) -> str:
+    """The page ``meshline ui`` prints for the test pipeline's server."""
+    config = tmp_path / "ui.yaml"
+    config.write_text(yaml.safe_dump({"name": "mlflow-server-test", "stages": {}}))
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "ui", str(config)]
+        + ["--set", f"tracking_uri={mlflow_server}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.strip().rpartition(": ")[2]
+
+
 def test_ui_in_headless_chromium_shows_the_pipeline_runs(
     pipeline_output: str, mlflow_server: str, tmp_path: Path
 ):
     assert CHROMIUM, "needs Debian's chromium: the README's test command installs it"
-    parent, children = pipeline_runs(MlflowClient(tracking_uri=mlflow_server))
-    runs = f"{mlflow_server}/#/experiments/{parent.info.experiment_id}/runs"
-    listing = visible_text(browse(runs, tmp_path / "profile", "--dump-dom"))
+    client = MlflowClient(tracking_uri=mlflow_server)
+    parent, children = pipeline_runs(client)
+    experiment = parent.info.experiment_id
+    runs = f"{mlflow_server}/#/experiments/{experiment}/runs"
+    printed = ui_url(mlflow_server, tmp_path)
+    assert printed == f"{runs}?workflowType=machine_learning"
+    assert client.get_experiment(experiment).tags["mlflow.experimentKind"] == (
+        "custom_model_development"
+    )
+    # The page opens on the training runs (the stages' runs nested under the pipeline's,
+    # named on its page below), not on the GenAI overview.
+    listing = visible_text(browse(printed, tmp_path / "profile", "--dump-dom"))
     assert parent.info.run_name in listing, listing[-3000:]
     assert f"{1 + len(children)} matching runs" in listing, listing[-3000:]
+    assert "Judges" not in listing and "No data available" not in listing, listing[-3000:]
+    # The parent run's description links each stage's run.
+    note = parent.data.tags[lineage.TAG_NOTE]
+    for name, child in children.items():
+        link = f"#/experiments/{experiment}/runs/{child.info.run_id}?workflowType=machine_learning"
+        assert f"[{name}]({link})" in note, note
     page_url = f"{runs}/{parent.info.run_id}"
     page = visible_text(browse(page_url, tmp_path / "profile", "--dump-dom"))
     # The parent run's page lists its child runs by name: "Child runs total , numbers , ...".
