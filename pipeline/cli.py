@@ -20,7 +20,7 @@ import webbrowser
 from dataclasses import asdict
 from importlib.metadata import entry_points
 
-from pipeline import executor, storage
+from pipeline import plan, storage
 from pipeline.config import ConfigError, PipelineConfig, load_config
 from pipeline.logs import console_logging, last_line
 from pipeline.secrets import redact_url
@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(config: PipelineConfig, args: argparse.Namespace) -> int:
+    # Ray and MLflow load only for the commands that use them (status and dag answer fast).
+    from pipeline import executor
+
     started = time.time()
     results = executor.run_pipeline(
         config, args.stages, args.force, " ".join(sys.argv), verbose=args.verbose, debug=args.debug
@@ -102,7 +105,7 @@ def cmd_run(config: PipelineConfig, args: argparse.Namespace) -> int:
 
 
 def cmd_status(config: PipelineConfig, args: argparse.Namespace) -> int:
-    reports = executor.report(config)
+    reports = plan.report(config)
     if args.json:
         print(json.dumps([asdict(r) for r in reports], indent=1))
         return 0
@@ -115,7 +118,7 @@ def cmd_status(config: PipelineConfig, args: argparse.Namespace) -> int:
 
 
 def cmd_dag(config: PipelineConfig, args: argparse.Namespace) -> int:
-    planned = executor.plan(config)
+    planned = plan.plan(config)
     for name, stage in planned.items():
         needs = f"  <- {', '.join(stage.inputs)}" if stage.inputs else ""
         print(f"{name}{needs}")

@@ -148,7 +148,10 @@ def test_dag_and_config_errors(tmp_path):
         cwd=REPO,
         capture_output=True,
         text=True,
-        env={**os.environ, "GOOGLE_APPLICATION_CREDENTIALS": str(tmp_path / "key.json")},
+        env={
+            **{k: v for k, v in os.environ.items() if k != "STORAGE_EMULATOR_HOST"},
+            "GOOGLE_APPLICATION_CREDENTIALS": str(tmp_path / "key.json"),
+        },
     )
     one_line_error(no_key, 2, f"GCS credentials: File {tmp_path / 'key.json'} was not found")
     debug = meshline("run", DEMO, "--stage", "foo", "--debug")
@@ -346,3 +349,26 @@ def test_submit_to_a_remote_cluster_needs_shared_storage(tmp_path):
     assert accepted.returncode == 2 and "remote cluster" not in accepted.stderr
     assert "cannot reach a Ray dashboard at http://head.cluster.invalid:8265" in accepted.stderr
     assert "Traceback" not in accepted.stderr
+
+
+LIGHT = """
+import sys
+from pipeline.cli import main
+for command in ("status", "dag"):
+    assert main([command, sys.argv[1], "--set", "root=" + sys.argv[2]]) == 0
+print("HEAVY", sorted({"jax", "mlflow", "orbax", "torch"} & set(sys.modules)))
+"""
+
+
+def test_status_and_dag_load_neither_jax_nor_mlflow(tmp_path):
+    """What keeps them fast: the config classes, the CLI and the stage registry import
+    without JAX, Orbax, MLflow (seconds of start-up); only running a stage loads them."""
+    done = subprocess.run(
+        [sys.executable, "-c", LIGHT, DEMO, str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "HEAVY []" in done.stdout, done.stdout[-2000:]

@@ -48,7 +48,7 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from pipeline import executor, lineage
+from pipeline import lineage, plan
 from pipeline.config import load_config
 from pipeline.ledger import Ledger
 from pipeline.status import RUNNING, Status, read_status
@@ -309,8 +309,9 @@ def committed(root: Path, stage: str) -> int:
 
 
 def assert_console_tells_the_run(console: str) -> None:
-    """What a person following the job's log reads: each stage's summary and the training
-    steps as they go, and none of Ray Data's progress bars or execution plans."""
+    """What a person following the job's log reads: each stage's summary, the training
+    steps as they go and the evaluate table, and none of Ray Data's progress bars, execution
+    plans or hints."""
     for summary in (
         r"download: \d+ files",
         r"dedup: \d+ docs in, \d+ out",
@@ -318,6 +319,7 @@ def assert_console_tells_the_run(console: str) -> None:
         r"train: step \d+/\d+: loss [\d.]+",
         r"train: \d+ steps, train loss",
         r"evaluate: \d+ metrics in",
+        r"task\s+metric\s+ours\s+initial\s+GPT-J-6B",
     ):
         assert re.search(summary, console), summary
     assert "Starting execution of Dataset" not in console
@@ -347,7 +349,7 @@ def test_demo_submitted_spreads_over_nodes_and_a_forced_stage_survives_a_node_ki
 
     log = tmp_path / "rerun.log"
     loaded = load_config(str(config))
-    executor.report(loaded)  # imports the stage modules now rather than in the window below
+    plan.report(loaded)  # imports the stage modules now rather than in the window below
     job = submit(cluster, config, log, "--stage", "tokenize", "--force")
     try:
         deadline = time.monotonic() + 300
@@ -359,7 +361,7 @@ def test_demo_submitted_spreads_over_nodes_and_a_forced_stage_survives_a_node_ki
         units_at_kill = committed(root, "tokenize")
         # Read in this process, not through ``meshline status``: a new process takes seconds
         # to start, time enough for tokenize to finish on a quiet machine.
-        during = {report.stage: report.state for report in executor.report(loaded)}
+        during = {report.stage: report.state for report in plan.report(loaded)}
         cluster.kill_worker()
         assert job.wait(timeout=420) == 0, log.read_text()[-4000:]
     finally:

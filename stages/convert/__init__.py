@@ -13,38 +13,35 @@ The train output itself (its files, ``CheckpointReader``, ``read_model_config``,
 ``stages.train.params``'s. Importing this package registers the stage.
 """
 
-from stages.convert.checkpoint import (
-    export_checkpoint,
-    export_train_output,
-    import_checkpoint,
-    iter_checkpoint_tensors,
-)
-from stages.convert.hf_dir import (
-    INDEX,
-    ExportSummary,
-    export_hf,
-    import_hf,
-    new_directory,
-    write_hf,
-)
-from stages.convert.layout import DTYPES, ConvertError, hf_tensor_shapes
-from stages.convert.stage import MODEL_UNIT, ConvertConfig, run
+from importlib import import_module
+from typing import Any
 
-__all__ = [
-    "DTYPES",
-    "INDEX",
-    "MODEL_UNIT",
-    "ConvertConfig",
-    "ConvertError",
-    "ExportSummary",
-    "export_checkpoint",
-    "export_hf",
-    "export_train_output",
-    "hf_tensor_shapes",
-    "import_checkpoint",
-    "import_hf",
-    "iter_checkpoint_tensors",
-    "new_directory",
-    "run",
-    "write_hf",
-]
+from stages.convert.config import DEFAULT_MAX_SHARD_BYTES, ConvertConfig
+from stages.convert.stage import MODEL_UNIT, run
+
+_LAZY = {
+    "export_checkpoint": "checkpoint",
+    "export_train_output": "checkpoint",
+    "import_checkpoint": "checkpoint",
+    "iter_checkpoint_tensors": "checkpoint",
+    "INDEX": "hf_dir",
+    "ExportSummary": "hf_dir",
+    "export_hf": "hf_dir",
+    "import_hf": "hf_dir",
+    "new_directory": "hf_dir",
+    "write_hf": "hf_dir",
+    "DTYPES": "layout",
+    "ConvertError": "layout",
+    "hf_tensor_shapes": "layout",
+}
+"""Names re-exported from modules that import NumPy, safetensors or JAX: loaded when first
+used, so registering the stage (``meshline status``) stays light."""
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{_LAZY[name]}"), name)
+
+
+__all__ = ["DEFAULT_MAX_SHARD_BYTES", "MODEL_UNIT", "ConvertConfig", "run", *_LAZY]

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import Any, get_args
 
-from stages.convert.checkpoint import export_train_output, import_checkpoint
-from stages.convert.hf_dir import DEFAULT_MAX_SHARD_BYTES
-from stages.convert.layout import DTYPES, ConvertError
+from stages.convert.config import DEFAULT_MAX_SHARD_BYTES, ExportDtype
 
 EXIT_BAD_INPUT = 2
 
@@ -27,6 +25,10 @@ def _fail(error: Exception) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    # NumPy, safetensors and JAX load when the command runs, not when meshline builds its parser.
+    from stages.convert.checkpoint import export_train_output
+    from stages.convert.layout import ConvertError
+
     try:
         summary = export_train_output(
             args.train_output,
@@ -43,6 +45,9 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
+    from stages.convert.checkpoint import import_checkpoint
+    from stages.convert.layout import ConvertError
+
     try:
         config = import_checkpoint(args.hf_dir, args.dest, trust_pickle=args.trust_pickle)
     except (ConvertError, FileExistsError, FileNotFoundError) as error:
@@ -63,7 +68,7 @@ def add_command(subparsers: Any) -> None:
     export.add_argument("train_output", help="train stage output dir")
     export.add_argument("dest", help="new directory, local or gs://")
     export.add_argument("--step", type=int, default=None, help="checkpoint step (latest)")
-    export.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    export.add_argument("--dtype", choices=get_args(ExportDtype), default="float32")
     export.add_argument(
         "--tokenizer",
         metavar="TOKENIZE_OUTPUT",

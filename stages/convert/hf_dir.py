@@ -41,6 +41,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from pipeline import storage
+from stages.convert.config import DEFAULT_MAX_SHARD_BYTES
 from stages.convert.layout import SAFETENSORS_DTYPES, ConvertError, check_dtype, hf_tensor_shapes
 from stages.train.hf_mapping import config_from_hf, hf_config, iter_hf_tensors, params_from_hf
 from stages.train.model_config import ModelConfig
@@ -53,7 +54,6 @@ SINGLE = "model.safetensors"
 CONFIG = "config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 DEFAULT_DTYPE = "float32"
-DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 TRANSPOSE_BLOCK = 256
 
 Opener = Callable[[str], AbstractContextManager[IO[bytes]]]

@@ -13,38 +13,22 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Literal
-
-from pydantic import Field
 
 from pipeline import storage
-from pipeline.stage import StageConfig, StageContext, register
-from stages.convert.checkpoint import export_checkpoint
-from stages.convert.hf_dir import DEFAULT_MAX_SHARD_BYTES
-from stages.tokenize import read_manifest
-from stages.train.output import CheckpointReader, read_model_config
+from pipeline.stage import StageContext, register
+from stages.convert.config import ConvertConfig
 
 log = logging.getLogger(__name__)
 
 MODEL_UNIT = "model"
 
 
-class ConvertConfig(StageConfig):
-    """Export of the trained model as a Hugging Face directory."""
-
-    volatile_fields = frozenset({"registered_model"})
-
-    step: int | None = None
-    """Checkpoint step to export; None takes the latest."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """dtype of the exported weights (cast from float32)."""
-    max_shard_bytes: int = Field(default=DEFAULT_MAX_SHARD_BYTES, gt=0)
-    """Largest safetensors shard; a larger single tensor gets a shard of its own."""
-    registered_model: str | None = None
-    """MLflow registered model the export becomes a version of; None: the pipeline's name."""
-
-
 def _export(ctx: StageContext, config: ConvertConfig) -> None:
+    # JAX and Orbax load when the stage runs, not when it registers (meshline status).
+    from stages.convert.checkpoint import export_checkpoint
+    from stages.tokenize import read_manifest
+    from stages.train.output import CheckpointReader, read_model_config
+
     train, tokenize = ctx.inputs["train"].uri, ctx.inputs["tokenize"].uri
     model = read_model_config(train)
     eos = int(read_manifest(tokenize)["eos_id"])
