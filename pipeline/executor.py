@@ -200,7 +200,22 @@ def connect(config: PipelineConfig) -> None:
         return
     address = config.ray_address or os.environ.get("RAY_ADDRESS") or "local"
     _check_reachable(address)
-    ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+    if address != "local":
+        ray.init(address=address, logging_level=logging.WARNING)
+        return
+    # A local cluster gets its dashboard (on loopback, a free port): Ray's state API runs in
+    # it, and Ray Train's placement group cleaner polls that API, warning every second
+    # while it cannot.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ray.init(
+        address=address,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=port,
+        logging_level=logging.WARNING,
+    )
 
 
 def _check_reachable(address: str, timeout: float = 10.0) -> None:
