@@ -24,12 +24,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import ray
+from ray.actor import ActorHandle
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline import lineage, storage
 from pipeline.config import ConfigError, PipelineConfig
+from pipeline.console import RunDisplay, run_display
 from pipeline.ledger import Ledger
 from pipeline.logs import LOG_FILE, console_logging, kept_log, last_line
 from pipeline.plan import PlannedStage, plan, select
+from pipeline.progress import ProgressBoard, reporting
 from pipeline.raydata import quiet_ray_data, release_stranded_data_coordinator
 from pipeline.secrets import redact_url
 from pipeline.stage import REGISTRY, StageContext, Upstream, resolved_config_path
@@ -38,6 +42,8 @@ from pipeline.status import FAILED, RUNNING, SUCCESS, Lease, read_status
 log = logging.getLogger("meshline")
 
 NODE_LOSS_RETRIES = 3
+DISPLAY_SECONDS = 0.5
+"""How often the driver redraws the stages' progress."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,8 @@ class Invocation:
 
     id: str
     lineage: lineage.PipelineRun
+    board: ActorHandle | None = None
+    """Where the stages report their progress for the driver's display."""
 
 
 @ray.remote
@@ -143,7 +151,7 @@ def _produce(
                 log_artifact=run.log_artifact,
                 register_model=run.register_model,
             )
-            with kept_log(stage.output, run.log_artifact):
+            with kept_log(stage.output, run.log_artifact), reporting(invocation.board, stage.name):
                 log.info("%s: producing %s", stage.name, stage.output)
                 _run_through_node_losses(spec.run, context)
             digest = ledger.digest()
@@ -254,7 +262,10 @@ def run_pipeline(
     experiment_id = lineage.create_experiment(tracking_uri, config.name, artifacts)
     invocation_id = uuid.uuid4().hex[:12]
     parent = lineage.PipelineRun.start(tracking_uri, experiment_id, invocation_id, command)
-    invocation = Invocation(invocation_id, parent)
+    # On the driver's node, so that losing another node never loses the display.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    board = ray.remote(num_cpus=0)(ProgressBoard).options(scheduling_strategy=here).remote()
+    invocation = Invocation(invocation_id, parent, board)
     refs: dict[str, ray.ObjectRef] = {}
     for name in order:
         actor = StageActor.options(
@@ -269,33 +280,51 @@ def run_pipeline(
         ).remote(config, verbose)
         upstream_refs = [refs[u] for u in planned[name].inputs]
         refs[name] = actor.execute.remote(invocation, planned[name], name in forced, *upstream_refs)
-    results = _collect(refs, planned, debug)
+    with run_display(order) as display:
+        results = _collect(refs, planned, debug, display, board)
+    ray.kill(board)
     ok = all(isinstance(r, Outcome) for r in results.values())
     parent.end(ok, {n: r.run_id if isinstance(r, Outcome) else None for n, r in results.items()})
     return results
 
 
 def _collect(
-    refs: dict[str, ray.ObjectRef], planned: dict[str, PlannedStage], debug: bool
+    refs: dict[str, ray.ObjectRef],
+    planned: dict[str, PlannedStage],
+    debug: bool,
+    display: RunDisplay,
+    board: ActorHandle,
 ) -> dict[str, Outcome | BaseException]:
-    """Wait for every stage, logging each as it ends; failures do not stop the others. A
-    failure is its error's last line, and where its log is (the whole error with ``debug``)."""
+    """Wait for every stage, showing their progress and logging each as it ends; failures do
+    not stop the others. A failure is its error's last line, and where its log is (the whole
+    error with ``debug``)."""
     names = {ref: name for name, ref in refs.items()}
     results: dict[str, Outcome | BaseException] = {}
     pending = list(refs.values())
     while pending:
-        done, pending = ray.wait(pending, num_returns=1)
+        done, pending = ray.wait(pending, num_returns=1, timeout=DISPLAY_SECONDS)
+        if not done:
+            try:
+                display.show(ray.get(board.snapshot.remote(), timeout=DISPLAY_SECONDS * 10))
+            except (ray.exceptions.RayError, TimeoutError) as error:
+                log.debug("progress display skipped a redraw: %s", error)
+            continue
         name = names[done[0]]
         try:
             outcome = ray.get(done[0])
         except ray.exceptions.RayError as error:
             results[name] = error
-            if not any(isinstance(results.get(u), BaseException) for u in planned[name].inputs):
+            upstream_failed = any(
+                isinstance(results.get(u), BaseException) for u in planned[name].inputs
+            )
+            display.state(name, "not run" if upstream_failed else "FAILED")
+            if not upstream_failed:
                 where = storage.join(planned[name].output, LOG_FILE)
                 detail = str(error) if debug else f"{last_line(error)} (the traceback: {where})"
                 log.error("%s: FAILED: %s", name, detail)
             continue
         results[name] = outcome
         verb = "reused" if outcome.reused else "done"
+        display.state(name, verb)
         log.info("%s: %s in %.1fs -> %s", name, verb, outcome.seconds, outcome.upstream.uri)
     return {name: results[name] for name in refs}

@@ -63,6 +63,8 @@ TAG_NOTE = "mlflow.note.content"
 """The run's description in the MLflow UI (Markdown)."""
 SYSTEM_METRICS_SECONDS = 5.0
 """How often a stage run samples its node's CPU, memory, disk, network (and GPU) use."""
+INPUT_ATTEMPTS = 3
+"""Tries of logging a run's input datasets (see ``_log_inputs``)."""
 MAX_PARAM_CHARS = 6000
 MLFLOW_DIGEST_CHARS = 32
 """MLflow caps dataset digests at 36 characters; the full sha256 goes in the profile."""
@@ -203,6 +205,20 @@ class StageRun:
         self.client.set_tag(self.run_id, TAG_DIGEST, digest)
 
 
+def _log_inputs(client: MlflowClient, run_id: str, datasets: list[DatasetInput]) -> None:
+    """``log_inputs``, tried again when it fails: two stages reading one upstream (convert and
+    evaluate both read train) log the same dataset at once, and MLflow's store inserts it
+    twice (a unique constraint fails) where the second call would find it."""
+    for attempt in range(INPUT_ATTEMPTS):
+        try:
+            client.log_inputs(run_id, datasets=datasets)
+            return
+        except MlflowException:
+            if attempt == INPUT_ATTEMPTS - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+
+
 def _dataset(name: str, uri: str, digest: str, profile: dict, context: str) -> DatasetInput:
     """An MLflow input dataset whose digest is ours (MLflow's own hashes 10k rows)."""
     scheme = uri.partition("://")[0] if "://" in uri else "local"
@@ -276,7 +292,7 @@ class PipelineRun:
         for start in range(0, len(params), 100):
             client.log_batch(run_id, params=params[start : start + 100])
         if inputs:
-            client.log_inputs(run_id, datasets=[_upstream_dataset(u) for u in inputs])
+            _log_inputs(client, run_id, [_upstream_dataset(u) for u in inputs])
         monitor = SystemMetricsMonitor(
             run_id, sampling_interval=SYSTEM_METRICS_SECONDS, tracking_uri=self.tracking_uri
         )

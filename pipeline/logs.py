@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 import traceback
 from collections.abc import Callable, Iterator
@@ -22,6 +23,7 @@ LOG_FILE = f"{META_DIR}/log.txt"
 MAX_LOG_BYTES = 4 << 20
 """The most of a stage's log kept (its end): a training run of weeks logs a line per
 ``log_every`` steps for its whole length."""
+_NAMED_ERROR = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b")
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 OUR_LOGGERS = ("meshline", "pipeline", "stages")
 """The loggers whose INFO lines a person running the pipeline reads."""
@@ -71,6 +73,14 @@ def _append(uri: str, path: str) -> None:
 
 def last_line(error: BaseException) -> str:
     """The line of an error's message that says what went wrong: Ray's errors carry the
-    cause's traceback, whose last line is the cause."""
-    lines = [line for line in str(error).strip().splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__
+    cause's traceback, whose last ``SomeError: message`` line is the cause (a library's
+    message may go on with lines of detail after it), else the message's last line."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    named = [i for i, line in enumerate(lines) if _NAMED_ERROR.match(line)]
+    if not named:
+        return lines[-1] if lines else type(error).__name__
+    at = named[-1]
+    # A message ending in ":" introduces a list (the files that failed): keep its first item.
+    if lines[at].endswith(":") and at + 1 < len(lines):
+        return f"{lines[at]} {lines[at + 1]}"
+    return lines[at]

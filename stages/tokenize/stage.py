@@ -30,6 +30,7 @@ from itertools import groupby
 import numpy as np
 
 from pipeline import storage
+from pipeline.progress import report
 from pipeline.stage import StageContext, register
 from stages.tokenize.bpe import load_gpt2, train_bpe
 from stages.tokenize.config import Gpt2TokenizerConfig, TokenizeConfig
@@ -128,6 +129,7 @@ def tokenize_parts(
         log.info(
             "tokenize: %s: %d documents, %d tokens", part.unit, totals.documents, totals.tokens
         )
+        report(len(pending) - len(waiting), len(pending), "parts", tokens=run_totals.tokens)
 
     batches = encoded_batches(pending, storage.join(ctx.output, TOKENIZER_DIR), config)
     for source, group in groupby(batches, key=lambda r: r.source):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from pipeline.progress import report
 from pipeline.stage import StageContext, register
 from stages.train.config import TrainConfig, training_model_config
 
@@ -20,20 +21,24 @@ class Preempted(RuntimeError):
     """The hosts saved a checkpoint on SIGTERM and stopped; a rerun continues from it."""
 
 
+SHOWN = ("loss", "val_loss", "lr", "tokens_per_s", "mfu")
+"""The metrics a person follows training by, in the console's order."""
+
+
 def _progress(ctx: StageContext, config: TrainConfig) -> Callable[[dict[str, float]], None]:
-    """Sends every metric record to MLflow and logs a progress line about 20 times a run
-    (and at every validation), so a long run shows where it is."""
+    """Sends every metric record to MLflow and to the run's live display, and logs a
+    progress line about 20 times a run (and at every validation), so a long run's log shows
+    where it is."""
     every = max(1, config.steps // 20)
+    latest: dict[str, float] = {}
 
     def sink(metrics: dict[str, float]) -> None:
         ctx.log_metrics(metrics)
         step = int(metrics.get("step", 0))
+        latest.update((key, metrics[key]) for key in SHOWN if key in metrics)
+        report(step, config.steps, "steps", **latest)
         if "val_loss" in metrics or step % every == 0:
-            shown = ", ".join(
-                f"{key} {metrics[key]:.4g}"
-                for key in ("loss", "val_loss", "lr", "tokens_per_s", "mfu")
-                if key in metrics
-            )
+            shown = ", ".join(f"{key} {metrics[key]:.4g}" for key in SHOWN if key in metrics)
             log.info("train: step %d/%d: %s", step, config.steps, shown)
 
     return sink
