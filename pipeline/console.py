@@ -3,7 +3,8 @@ timestamped lines otherwise.
 
 On a terminal (rich's ``Live``) each stage has a line: its state, units done of total in
 the stage's own unit, the rate, the ETA and the details it reports (train: loss, val loss,
-lr, tokens/s, MFU), redrawn twice a second; the stages' own log lines print above it. When
+lr, tokens/s, MFU), redrawn each time the driver reads the stages' progress (every second);
+the stages' own log lines print above it. When
 the output is not a terminal (CI, ``meshline submit`` job logs, ``| tee``) a running stage
 gets a line at most every ``PLAIN_EVERY`` seconds instead of redraws.
 """
@@ -115,9 +116,11 @@ def run_display(stages: list[str], stream: IO[str] | None = None) -> Iterator[Ru
     if not stream.isatty():
         yield RunDisplay(stages, None, stream)
         return
-    console = Console(file=stream)
+    # soft_wrap: the stages' lines print above the table as they are, long ones wrapped by the
+    # terminal rather than cut into columns.
+    console = Console(file=stream, soft_wrap=True)
     display = RunDisplay(stages, None, stream)
-    with Live(display.table(), console=console, refresh_per_second=2, transient=False) as live:
+    with Live(display.table(), console=console, auto_refresh=False, transient=False) as live:
         # Live prints what goes to sys.stdout and sys.stderr above the table; log handlers
         # hold the streams they were given, so they are pointed at its stand-ins meanwhile.
         handlers = [h for h in logging.getLogger().handlers if type(h) is logging.StreamHandler]

@@ -42,7 +42,7 @@ from pipeline.status import FAILED, RUNNING, SUCCESS, Lease, read_status
 log = logging.getLogger("meshline")
 
 NODE_LOSS_RETRIES = 3
-DISPLAY_SECONDS = 0.5
+DISPLAY_SECONDS = 1.0
 """How often the driver redraws the stages' progress."""
 
 
