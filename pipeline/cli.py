@@ -27,6 +27,8 @@ from pipeline.secrets import redact_url
 
 log = logging.getLogger("meshline")
 COMMAND_GROUP = "meshline.commands"
+TABLE_FILE = "table.txt"
+"""A stage output's summary table, which ``meshline run`` prints at its end."""
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -101,7 +103,18 @@ def cmd_run(config: PipelineConfig, args: argparse.Namespace) -> int:
         else:
             failed += 1
             print(f"  {name:<10} FAILED    {last_line(result)}")
+    for name, result in results.items():
+        if isinstance(result, executor.Outcome):
+            _print_table(name, result.upstream.uri)
     return 1 if failed else 0
+
+
+def _print_table(stage: str, output: str) -> None:
+    """A stage's ``table.txt`` (evaluate's scores beside the published ones), if it has one:
+    the run's last word, after every stage's own lines."""
+    path = storage.join(output, TABLE_FILE)
+    if storage.exists(path):
+        print(f"\n{stage} ({path}):\n{storage.read_text(path).rstrip()}")
 
 
 def cmd_status(config: PipelineConfig, args: argparse.Namespace) -> int:

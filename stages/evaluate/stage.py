@@ -40,7 +40,7 @@ from stages.evaluate.config import (
     TaskName,
     TaskSpec,
 )
-from stages.evaluate.report import improvements, scores, table, write_results
+from stages.evaluate.report import improvements, scores, write_results
 from stages.tokenize import load_tokenizer
 from stages.train.config import TrainConfig
 
@@ -126,8 +126,9 @@ def run(ctx: StageContext) -> None:
         ctx.record(**{f"{INITIAL}.{k}": v for k, v in measured[INITIAL].items()})
     if config.samples is not None:
         generation.write_samples(ctx, config.samples, lambda: scorers[FINAL].weights, tokenizer)
-    shown = table(measured[FINAL], measured.get(INITIAL))
-    log.info("evaluate: checkpoint step %d\n%s", step, shown)
+    log.info(
+        "evaluate: checkpoint step %d; table in %s", step, storage.join(ctx.output, "table.txt")
+    )
     failures = [failure for scorer in scorers.values() for failure in scorer.failures]
     _finish(ctx, failures, measured, time.perf_counter() - started)
 
