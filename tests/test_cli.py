@@ -112,6 +112,11 @@ def test_demo_download_runs_skips_and_forces(tmp_path):
     assert [r.data.tags[lineage.TAG_REUSED_FROM] for r in reused] == [report["mlflow_run_id"]]
     parents = {r.data.tags["mlflow.parentRunId"] for r in runs}
     assert all(client.get_run(p).info.status == "FINISHED" for p in parents)
+    # Ray Data's own progress output is off unless asked for (dedup runs a Ray Data job).
+    verbose = meshline("run", DEMO, "--stage", "dedup", "--verbose", "--set", f"root={root}")
+    assert verbose.returncode == 0, verbose.stdout + verbose.stderr
+    said = verbose.stderr + verbose.stdout
+    assert re.search(r"Starting execution of Dataset|Running Dataset", said), said[-3000:]
     # The stage's log is kept in its output and in its MLflow run.
     kept = Path(after["output"], LOG_FILE).read_text()
     assert re.search(r"INFO meshline.download: download: \d+ files, [\d.]+ MB in", kept)
