@@ -27,6 +27,8 @@ from pipeline.secrets import redact_url
 
 log = logging.getLogger("meshline")
 COMMAND_GROUP = "meshline.commands"
+DRIVER_FORMAT = "%(asctime)s %(message)s"
+"""The driver's own log lines: a time, then what happened."""
 TABLE_FILE = "table.txt"
 """A stage output's summary table, which ``meshline run`` prints at its end."""
 
@@ -87,8 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(config: PipelineConfig, args: argparse.Namespace) -> int:
-    # Ray and MLflow load only for the commands that use them (status and dag answer fast).
+    # Ray and MLflow load only for the commands that use them (status and dag answer fast);
+    # MLflow sets its logger's level when it loads, so the console is configured again.
     from pipeline import executor
+
+    console_logging(DRIVER_FORMAT)
 
     started = time.time()
     results = executor.run_pipeline(
@@ -197,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     """Exit status 0 on success, 1 when a stage or the command failed, 2 for a usage or
     config error; errors are one line (a line per config field) unless ``--debug``."""
     args = build_parser().parse_args(argv)
-    console_logging("%(asctime)s %(message)s")
+    console_logging(DRIVER_FORMAT)
     try:
         handler = getattr(args, "handler", None)
         if handler is not None:
