@@ -4,9 +4,9 @@ timestamped lines otherwise.
 On a terminal (rich's ``Live``) each stage has a line: its state, units done of total in
 the stage's own unit, the rate, the ETA and the details it reports (train: loss, val loss,
 lr, tokens/s, MFU), redrawn each time the driver reads the stages' progress (every second);
-the stages' own log lines print above it. When
-the output is not a terminal (CI, ``meshline submit`` job logs, ``| tee``) a running stage
-gets a line at most every ``PLAIN_EVERY`` seconds instead of redraws.
+the stages' own log lines print above it. When the output is not a terminal (CI,
+``meshline submit`` job logs, ``| tee``) a running stage gets a line at most every
+``PLAIN_EVERY`` seconds instead of redraws.
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ from rich.live import Live
 from rich.table import Table
 
 from pipeline.progress import Progress
-
-log = logging.getLogger("meshline")
 
 PLAIN_EVERY = 30.0
 """Seconds between two progress lines of one stage when the output is not a terminal."""
