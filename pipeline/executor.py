@@ -13,6 +13,7 @@ its upstream digests are known:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -150,6 +151,10 @@ def _produce(
                 log_sources=run.log_sources,
                 log_artifact=run.log_artifact,
                 register_model=run.register_model,
+                publish_scores=run.publish_scores,
+                node_metrics=functools.partial(
+                    lineage.system_metrics, invocation.lineage.tracking_uri, run.run_id
+                ),
             )
             with kept_log(stage.output, run.log_artifact), reporting(invocation.board, stage.name):
                 log.info("%s: producing %s", stage.name, stage.output)

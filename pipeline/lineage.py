@@ -45,7 +45,7 @@ from mlflow.utils.mlflow_tags import (
 )
 
 from pipeline.secrets import redact_url as _redact_url
-from pipeline.stage import Source, Upstream
+from pipeline.stage import Source, Upstream, metric_name
 
 TAG_STAGE = "meshline.stage"
 TAG_FINGERPRINT = "meshline.fingerprint"
@@ -56,6 +56,10 @@ TAG_DIGEST = "meshline.output_digest"
 TAG_INVOCATION = "meshline.invocation"
 TAG_REGISTERED_BY = "meshline.registered_by_run_id"
 TAG_SOURCE = "meshline.source"
+TAG_SCORES_FOR = "meshline.scores_for_run_id"
+"""On an evaluate run: the run that trained the model its score tags are of."""
+SCORE_TAG = "meshline.score."
+"""Prefix of the tags carrying eval scores, on evaluate runs and registered model versions."""
 TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
 TRAINING_KIND = "custom_model_development"
 TRAINING_VIEW = "workflowType=machine_learning"
@@ -186,7 +190,35 @@ class StageRun:
         version = self.client.create_model_version(
             name, model.artifact_location, run_id=run_id, tags=tags, model_id=model.model_id
         )
+        if run_id:
+            # After the version exists: an evaluate run publishing at the same moment then
+            # either finds the version or has published before this search.
+            for key, value in self._published_scores(run_id).items():
+                self.client.set_model_version_tag(name, version.version, key, value)
         return str(version.version)
+
+    def publish_scores(self, trained_by: str, scores: dict[str, float]) -> None:
+        """Eval ``scores`` of the model trained in run ``trained_by``, as tags on this run
+        and on every registered version of that model: those registered already, here, and
+        those registered later, by ``register_model``."""
+        tags = {f"{SCORE_TAG}{metric_name(k)}": f"{v:.6g}" for k, v in sorted(scores.items())}
+        run_tags = [RunTag(k, v) for k, v in {**tags, TAG_SCORES_FOR: trained_by}.items()]
+        self.client.log_batch(self.run_id, tags=run_tags)
+        for version in self.client.search_model_versions(f"run_id = '{trained_by}'"):
+            for key, value in tags.items():
+                self.client.set_model_version_tag(version.name, version.version, key, value)
+
+    def _published_scores(self, trained_by: str) -> dict[str, str]:
+        """The score tags of the latest evaluate run that published scores for ``trained_by``."""
+        experiment_id = self.client.get_run(self.run_id).info.experiment_id
+        runs = self.client.search_runs(
+            [experiment_id],
+            f"tags.`{TAG_SCORES_FOR}` = '{trained_by}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        tags = runs[0].data.tags if runs else {}
+        return {k: v for k, v in tags.items() if k.startswith(SCORE_TAG)}
 
     def _external_model(
         self, experiment_id: str, name: str, run_id: str | None, tags: dict[str, str]
@@ -203,6 +235,27 @@ class StageRun:
 
     def tag_digest(self, digest: str) -> None:
         self.client.set_tag(self.run_id, TAG_DIGEST, digest)
+
+
+@contextmanager
+def system_metrics(tracking_uri: str, run_id: str, node: str | None = None) -> Iterator[None]:
+    """Samples this process's node (CPU, memory, disk, network; GPUs where ``nvidia-ml-py``
+    finds them) into run ``run_id`` while the block runs, as ``system/...`` metrics, or
+    ``system/{node}/...`` where several nodes report to one run. A block shorter than one
+    sampling interval still leaves a sample."""
+    monitor = SystemMetricsMonitor(
+        run_id, sampling_interval=SYSTEM_METRICS_SECONDS, node_id=node, tracking_uri=tracking_uri
+    )
+    started = time.monotonic()
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+        if time.monotonic() - started < SYSTEM_METRICS_SECONDS:
+            monitor.collect_metrics()
+            monitor.publish_metrics(monitor.aggregate_metrics())
+            monitor.mlflow_logger.flush()
 
 
 def _log_inputs(client: MlflowClient, run_id: str, datasets: list[DatasetInput]) -> None:
@@ -293,17 +346,12 @@ class PipelineRun:
             client.log_batch(run_id, params=params[start : start + 100])
         if inputs:
             _log_inputs(client, run_id, [_upstream_dataset(u) for u in inputs])
-        monitor = SystemMetricsMonitor(
-            run_id, sampling_interval=SYSTEM_METRICS_SECONDS, tracking_uri=self.tracking_uri
-        )
-        monitor.start()
         try:
-            yield StageRun(client, run_id)
+            with system_metrics(self.tracking_uri, run_id):
+                yield StageRun(client, run_id)
         except BaseException:
-            monitor.finish()
             end_run(client, run_id, ok=False)
             raise
-        monitor.finish()
         end_run(client, run_id, ok=True)
 
     def log_reused(

@@ -10,6 +10,7 @@ import hashlib
 import json
 import re
 from collections.abc import Callable, Collection
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -114,6 +115,13 @@ class StageContext:
     """``(name, source, run_id, tags) -> version``: register ``source`` (a model directory
     URI) as a new version of model ``name`` (None: the pipeline's name) in the MLflow Model
     Registry, linked to run ``run_id``; returns the version ("" where nothing is tracked)."""
+    publish_scores: Callable[[str, dict[str, float]], None] = lambda run_id, scores: None
+    """``(run_id, scores)``: eval scores of the model trained in MLflow run ``run_id``, carried
+    as tags by every registered version of that model, whether registered before or after."""
+    node_metrics: Callable[[str], AbstractContextManager[object]] = lambda node: nullcontext()
+    """``with node_metrics(node):`` samples the node the calling process runs on (CPU,
+    memory, GPUs) into the stage's MLflow run as ``system/{node}/...``: for work the stage
+    spreads over other processes and nodes (training hosts). Picklable."""
     metrics: dict[str, float] = field(default_factory=dict)
 
     def log_metrics(self, metrics: dict[str, float]) -> None:

@@ -247,6 +247,14 @@ def assert_lineage_over_http(client: MlflowClient, first: dict[str, Status]) -> 
     assert "system/cpu_utilization_percentage" in system, system
     assert experiment.tags[lineage.TAG_EXPERIMENT_KIND] == "custom_model_development"
     assert version.tags["meshline.tokenize_digest"] == first["tokenize"].digest
+    # Evaluate ran beside convert; its scores reached the version either way round.
+    scores = {
+        key.removeprefix(lineage.SCORE_TAG): float(value)
+        for key, value in version.tags.items()
+        if key.startswith(lineage.SCORE_TAG)
+    }
+    evaluated = children["evaluate"].data.metrics
+    assert scores and scores == pytest.approx({k: evaluated[k] for k in scores}, rel=1e-5)
 
 
 def submit(cluster: LoopbackCluster, config: Path, log: Path, *extra: str) -> subprocess.Popen:

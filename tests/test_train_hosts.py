@@ -7,16 +7,20 @@ fails the stage, naming the checkpoint a rerun resumes from."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import signal
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import ray
+from mlflow import MlflowClient
 
+from pipeline import lineage
 from pipeline.ledger import Ledger
 from pipeline.stage import StageContext, Upstream
 from stages.train.config import TrainConfig
@@ -56,8 +60,9 @@ def config(tmp_path_factory: pytest.TempPathFactory) -> TrainConfig:
     return CONFIG.model_copy(update={"compilation_cache": str(tmp_path_factory.mktemp("xla"))})
 
 
-def train(config: TrainConfig, tokenized: str, out: Path, sink: Sink) -> dict:
-    """One run of the train stage into ``out``; its summary. ``sink`` gets the step records."""
+def train(config: TrainConfig, tokenized: str, out: Path, sink: Sink, **context: Callable) -> dict:
+    """One run of the train stage into ``out``; its summary. ``sink`` gets the step records;
+    ``context`` adds fields of the stage context."""
 
     def steps_only(metrics: dict[str, float]) -> None:
         if "step" in metrics:
@@ -70,21 +75,45 @@ def train(config: TrainConfig, tokenized: str, out: Path, sink: Sink) -> dict:
         inputs={"tokenize": Upstream("tokenize", tokenized, "fp", "digest")},
         ledger=Ledger(str(out)),
         metric_sink=steps_only,
+        **context,
     )
     run(ctx)
     return json.loads((out / "summary.json").read_text())
 
 
+class Straight(NamedTuple):
+    summary: dict
+    losses: dict[int, float]
+    """The loss of each step."""
+    system_metrics: set[str]
+    """The names of the system metrics the run's MLflow run holds."""
+
+
 @pytest.fixture(scope="module")
 def straight(
     ray_cluster: None, config: TrainConfig, tokenized: str, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[dict, dict[int, float]]:
-    """An uninterrupted run: its summary and the loss of each step."""
+) -> Straight:
+    """An uninterrupted run, tracked in an MLflow run of its own."""
     wait_for_free_cpus(2)
+    out = tmp_path_factory.mktemp("straight")
+    tracking = f"sqlite:///{out}/mlflow.db"
+    experiment = lineage.create_experiment(tracking, "hosts", str(out / "mlruns"))
+    pipeline = lineage.PipelineRun.start(tracking, experiment, "test", "test")
     logged: list[dict[str, float]] = []
-    summary = train(config, tokenized, tmp_path_factory.mktemp("straight") / "train", logged.append)
+    with pipeline.stage_run("train", "fp", str(out / "train"), {}, []) as tracked:
+        metrics = functools.partial(lineage.system_metrics, tracking, tracked.run_id)
+        summary = train(config, tokenized, out / "train", logged.append, node_metrics=metrics)
     assert [int(r["step"]) for r in logged] == list(range(1, STEPS + 1))
-    return summary, {int(r["step"]): r["loss"] for r in logged}
+    system = MlflowClient(tracking).get_run(tracked.run_id).data.metrics
+    return Straight(
+        summary, {int(r["step"]): r["loss"] for r in logged}, {m for m in system if "/" in m}
+    )
+
+
+def test_every_host_samples_its_node_into_the_stage_run(straight: Straight) -> None:
+    for host in ("host0", "host1"):
+        assert f"system/{host}/cpu_utilization_percentage" in straight.system_metrics, host
+    assert "system/cpu_utilization_percentage" in straight.system_metrics
 
 
 def a_worker_pid() -> int:
@@ -101,7 +130,7 @@ def check_losses(logged: list[dict[str, float]], expected: dict[int, float]) -> 
 
 
 def test_sigterm_to_one_host_then_a_killed_host_resume_to_identical_params(
-    straight: tuple[dict, dict[int, float]], config: TrainConfig, tokenized: str, tmp_path: Path
+    straight: Straight, config: TrainConfig, tokenized: str, tmp_path: Path
 ) -> None:
     out = tmp_path / "train"
     logged: list[dict[str, float]] = []
@@ -120,7 +149,7 @@ def test_sigterm_to_one_host_then_a_killed_host_resume_to_identical_params(
     saved = sorted(int(s) for s in os.listdir(out / "checkpoints"))
     assert saved[-1] == step and all(s % EVERY == 0 for s in saved[:-1])
     assert not (out / "summary.json").exists()
-    check_losses(logged, straight[1])
+    check_losses(logged, straight.losses)
 
     # The rerun resumes there; host 1 is killed once the first checkpoint after it is
     # surely complete (saving the next one waited for it), and the group restarts from it.
@@ -135,16 +164,16 @@ def test_sigterm_to_one_host_then_a_killed_host_resume_to_identical_params(
             os.kill(killed[-1], signal.SIGKILL)
 
     summary = train(config, tokenized, out, kill_host_1)
-    assert killed and summary == straight[0]
+    assert killed and summary == straight.summary
     steps = [int(r["step"]) for r in rerun]
     assert steps[0] == step + 1 and steps[-1] == STEPS
     restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
     assert steps[restart] - 1 >= complete and (steps[restart] - 1) % EVERY == 0
-    check_losses(rerun, straight[1])
+    check_losses(rerun, straight.losses)
 
 
 def test_a_group_failing_past_max_restarts_names_the_checkpoint_kept(
-    straight: tuple[dict, dict[int, float]], config: TrainConfig, tokenized: str, tmp_path: Path
+    straight: Straight, config: TrainConfig, tokenized: str, tmp_path: Path
 ) -> None:
     out = tmp_path / "train"
     no_restarts = config.model_copy(

@@ -122,6 +122,8 @@ def run(ctx: StageContext) -> None:
     model_args = f"checkpoint={os.path.basename(train.uri.rstrip('/'))},step={step}"
     write_results(ctx, records, measured, model_args)
     ctx.record(**measured[FINAL])
+    if train.run_id:
+        ctx.publish_scores(train.run_id, measured[FINAL])
     if INITIAL in measured:
         ctx.record(**{f"{INITIAL}.{k}": v for k, v in measured[INITIAL].items()})
     if config.samples is not None:

@@ -10,7 +10,9 @@ Ray Train places the workers and restarts them; what is ours is the glue:
 - ``worker_loop``: what every worker runs. On CPU, where ``JaxConfig`` starts no distributed
   runtime, it joins the processes itself (rank and world size from the Train context, the
   coordinator address broadcast from rank 0, gloo over 127.0.0.1). Then it runs the
-  ``Trainer``; rank 0 sends its metric records to a queue the stage drains while training.
+  ``Trainer``, its node's system metrics sampled into the stage's MLflow run as
+  ``system/host{rank}/...``; rank 0 sends its metric records to a queue the stage drains
+  while training.
 - ``run_hosts``: fits the trainer. A worker that dies or raises makes Ray Train restart the
   whole group (``FailureConfig(max_failures=max_restarts)``), and the new group resumes
   from the last Orbax checkpoint; past that count the stage fails naming that checkpoint.
@@ -29,6 +31,7 @@ import socket
 import threading
 import uuid
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import ray
@@ -46,6 +49,7 @@ log = logging.getLogger(__name__)
 POLL_SECONDS = 0.25
 """How often the stage forwards rank 0's metric records while the workers train."""
 Sink = Callable[[dict[str, float]], None]
+NodeMetrics = Callable[[str], AbstractContextManager[object]]
 RUNS_DIR = "ray_train"
 """Where in the train output Ray Train keeps its run state (its storage marker only: no
 checkpoint is reported to it)."""
@@ -144,7 +148,8 @@ def worker_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     queue: Queue = loop_config["queue"]
     rank = ray.train.get_context().get_world_rank()
     sink = queue.put if rank == 0 else None
-    result = trainer.train(sink, preemption_sync=True)
+    with loop_config["node_metrics"](f"host{rank}"):
+        result = trainer.train(sink, preemption_sync=True)
     end = np.asarray([result.step, int(result.preempted)])
     multihost_utils.assert_equal(end, "train hosts stopped at different (step, preempted)")
     log.info(
@@ -184,9 +189,12 @@ def _kept_checkpoint(output: str) -> str:
     return f"the checkpoint of step {step} in {checkpoints_dir(output)} is kept"
 
 
-def run_hosts(config: TrainConfig, tokenize: str, output: str, sink: Sink) -> dict:
+def run_hosts(
+    config: TrainConfig, tokenize: str, output: str, sink: Sink, node_metrics: NodeMetrics
+) -> dict:
     """Train on the placement's workers; rank 0's metric records go to ``sink`` while they
-    train. Returns rank 0's result."""
+    train, and every worker samples its node through ``node_metrics``. Returns rank 0's
+    result."""
     placement = config.placement
     queue = Queue(actor_options={"num_cpus": 0})
     trainer = JaxTrainer(
@@ -196,6 +204,7 @@ def run_hosts(config: TrainConfig, tokenize: str, output: str, sink: Sink) -> di
             "tokenize": tokenize,
             "output": output,
             "queue": queue,
+            "node_metrics": node_metrics,
         },
         scaling_config=scaling_config(placement),
         run_config=RunConfig(

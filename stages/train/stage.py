@@ -60,7 +60,7 @@ def run(ctx: StageContext) -> None:
     output.commit_model_config(ctx.ledger, training_model_config(config, vocab))
     cache = config.compilation_cache or ctx.compilation_cache
     hosts_config = config.model_copy(update={"compilation_cache": cache})
-    result = run_hosts(hosts_config, tokenize, ctx.output, _progress(ctx, config))
+    result = run_hosts(hosts_config, tokenize, ctx.output, _progress(ctx, config), ctx.node_metrics)
     if result["preempted"]:
         raise Preempted(f"train: preempted at step {result['step']}; its checkpoint is saved")
     output.commit_summary(ctx.ledger, result)
