@@ -28,7 +28,7 @@ import ray
 from ray.actor import ActorHandle
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from pipeline import lineage, storage
+from pipeline import lineage, loopback, storage
 from pipeline.config import ConfigError, PipelineConfig
 from pipeline.console import RunDisplay, run_display
 from pipeline.ledger import Ledger
@@ -42,6 +42,8 @@ from pipeline.status import FAILED, RUNNING, SUCCESS, Lease, read_status
 
 log = logging.getLogger("meshline")
 
+AUTH_MODE_ENV = "RAY_AUTH_MODE"
+"""Ray's switch for token authentication ("token" or "disabled"), read when a cluster starts."""
 NODE_LOSS_RETRIES = 3
 DISPLAY_SECONDS = 1.0
 """How often the driver redraws the stages' progress."""
@@ -216,17 +218,17 @@ def connect(config: PipelineConfig) -> None:
     if address != "local":
         ray.init(address=address, logging_level=logging.WARNING)
         return
+    # Token authentication stays on, chosen explicitly: left to Ray's default it is on too,
+    # with a warning on every start.
+    os.environ.setdefault(AUTH_MODE_ENV, "token")
     # A local cluster gets its dashboard (on loopback, a free port): Ray's state API runs in
     # it, and Ray Train's placement group cleaner polls that API, warning every second
     # while it cannot.
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     ray.init(
         address=address,
         include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        dashboard_port=port,
+        dashboard_host=loopback.HOST,
+        dashboard_port=loopback.free_port(),
         logging_level=logging.WARNING,
     )
 

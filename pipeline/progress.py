@@ -5,8 +5,10 @@ the train stage's metric sink) calls ``report(done, total, unit, **details)``; e
 goes to a ``ProgressBoard`` actor that the driver reads twice a second to draw its display
 (``pipeline.console``). Reports are dropped rather than queued when they come faster than
 ``MIN_INTERVAL`` (the last of a phase always goes), so reporting costs nothing a stage
-would notice. Outside a pipeline run (tests, tools) ``report`` does nothing. This module
-imports no Ray (the train package, which reports, must import on a bare accelerator host).
+would notice. Outside a pipeline run (tests, tools) ``report`` does nothing. ``PhaseBar``
+counts a phase of work for either audience: reports under a run, a tqdm bar outside one.
+This module imports no Ray (the train package, which reports, must import on a bare
+accelerator host).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
+
+from tqdm import tqdm
 
 MIN_INTERVAL = 0.5
 """Seconds between two reports of one stage that are both sent."""
@@ -112,3 +116,37 @@ def report(done: float, total: float | None, unit: str, **details: float | str) 
         return
     reporter.last_sent = now
     reporter.board.update.remote(reporter.stage, done, total, unit, details, now)
+
+
+class PhaseBar:
+    """Counts one phase of a stage's work (``total`` ``unit``, None: not yet known): as
+    reports to the run's display inside ``meshline run``, and as a tqdm bar on stderr
+    outside one (the standalone commands, benchmarks). Phases shorter than ``min_bar``
+    units get no bar. Use as a context manager."""
+
+    def __init__(self, total: int | None, unit: str, desc: str, min_bar: int = 0):
+        self.done = 0
+        self.total = total
+        self.unit = unit
+        self.desc = desc
+        hidden = reported() or (total is not None and total < min_bar)
+        self._bar = tqdm(total=total, unit=unit, desc=desc, disable=hidden)
+        report(0, total, unit, phase=desc)
+
+    def set_total(self, total: int) -> None:
+        self.total = total
+        self._bar.total = total
+
+    def set_postfix(self, text: str) -> None:
+        self._bar.set_postfix_str(text, refresh=False)
+
+    def update(self, n: int = 1, **details: float | str) -> None:
+        self.done += n
+        self._bar.update(n)
+        report(self.done, self.total, self.unit, phase=self.desc, **details)
+
+    def __enter__(self) -> PhaseBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._bar.close()

@@ -19,10 +19,9 @@ from typing import Any
 import ray
 from ray.exceptions import RayError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-from tqdm import tqdm
 
 from pipeline import storage
-from pipeline.progress import report, reported
+from pipeline.progress import PhaseBar
 
 NODE_ID_LABEL = "ray.io/node-id"
 """The label Ray gives every node with its id."""
@@ -82,8 +81,7 @@ def run_tasks(
     finished: list[Any] = []
     # One bar per phase: a stage actor's stderr is a log file, where stacked bars turn into
     # cursor-movement noise.
-    with tqdm(total=len(calls), desc=desc, unit=unit, disable=reported()) as bar:
-        report(0, len(calls), unit, phase=desc)
+    with PhaseBar(len(calls), unit, desc) as bar:
         while waiting or running:
             while waiting and len(running) < concurrency:
                 index, call = waiting.pop(0)
@@ -97,9 +95,8 @@ def run_tasks(
             else:
                 finished.append(outcome.result)
                 if postfix is not None:
-                    bar.set_postfix_str(postfix(finished), refresh=False)
+                    bar.set_postfix(postfix(finished))
             bar.update(1)
-            report(len(calls) - len(waiting) - len(running), len(calls), unit, phase=desc)
             yield outcome
 
 

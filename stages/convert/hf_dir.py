@@ -38,9 +38,9 @@ from typing import IO, Any, TypedDict, Unpack
 
 import numpy as np
 from safetensors import safe_open
-from tqdm import tqdm
 
 from pipeline import storage
+from pipeline.progress import PhaseBar
 from stages.convert.config import DEFAULT_MAX_SHARD_BYTES
 from stages.convert.layout import SAFETENSORS_DTYPES, ConvertError, check_dtype, hf_tensor_shapes
 from stages.train.hf_mapping import config_from_hf, hf_config, iter_hf_tensors, params_from_hf
@@ -152,7 +152,7 @@ def _write_shard(
     shard: list[tuple[str, Shape]],
     tensors: Tensors,
     dtype: str,
-    bar: tqdm,
+    bar: PhaseBar,
 ) -> int:
     np_dtype = check_dtype(dtype)
     f.write(_header(shard, SAFETENSORS_DTYPES[dtype], np_dtype.itemsize))
@@ -184,7 +184,7 @@ def write_weights(
     shards = plan_shards(planned, check_dtype(dtype).itemsize, max_shard_bytes)
     weight_map: dict[str, str] = {}
     total = 0
-    with tqdm(total=len(planned), unit="tensor", desc="convert export") as bar:
+    with PhaseBar(len(planned), "tensors", "convert export") as bar:
         for i, shard in enumerate(shards, start=1):
             name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
             with opener(name) as f:
@@ -290,7 +290,7 @@ def export_hf(params: Params, config: ModelConfig, dest: str, **options: Unpack[
 class _LazyTensors(Mapping[str, np.ndarray]):
     """Tensor name -> array, read from its safetensors file only when asked for."""
 
-    def __init__(self, src: str, files: list[str], bar: tqdm | None = None):
+    def __init__(self, src: str, files: list[str], bar: PhaseBar | None = None):
         self._src = src
         self._bar = bar
         self._file_of: dict[str, str] = {}
@@ -370,9 +370,9 @@ def _import_local(src: str, trust_pickle: bool) -> tuple[Params, ModelConfig]:
     if pickled:
         params = params_from_hf(config, _pickled_tensors(src, files))
     else:
-        with tqdm(unit="tensor", desc="convert import") as bar:
+        with PhaseBar(None, "tensors", "convert import") as bar:
             state = _LazyTensors(src, files, bar)
-            bar.total = len(state)
+            bar.set_total(len(state))
             params = params_from_hf(config, state)
     check_params(config, params, src)
     return params, config

@@ -27,10 +27,9 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
 from pipeline import storage
-from pipeline.progress import report, reported
+from pipeline.progress import PhaseBar
 from stages.convert.hf_dir import CONFIG, import_hf
 from stages.evaluate.harness import Scored, bucket, encode_pair, rolling_windows, split_prefix
 from stages.evaluate.shapes import Shape, run_shapes
@@ -306,10 +305,7 @@ class JaxLM:
         batches = list(_batches(unique, self.batch_size, self.prefix_token))
         cost = partial(_cost, self.config)
         shapes = run_shapes([_shape(batch) for batch, _ in batches], cost)
-        n_done = 0
-        with tqdm(
-            total=len(unique), desc="loglikelihood", disable=len(unique) < 64 or reported()
-        ) as bar:
+        with PhaseBar(len(unique), "requests", "loglikelihood", min_bar=64) as bar:
             for (batch, real), shape in zip(batches, shapes, strict=True):
                 if shape != _shape(batch):
                     batch = _widen(batch, shape, self.prefix_token)
@@ -329,8 +325,6 @@ class JaxLM:
                 for row, index in enumerate(batch.members):
                     results[index] = (float(sums[row]), bool(greedy[row]))
                 bar.update(real)
-                n_done += real
-                report(n_done, len(unique), "requests")
         return [results[index_of[scored]] for scored in requests]
 
 

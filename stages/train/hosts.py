@@ -27,7 +27,6 @@ across ranks at every call, and a report without a checkpoint never reaches the 
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import uuid
 from collections.abc import Callable
@@ -39,7 +38,7 @@ from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedErr
 from ray.train.v2.jax import JaxTrainer
 from ray.util.queue import Empty, Queue
 
-from pipeline import storage
+from pipeline import loopback, storage
 from pipeline.logs import console_logging
 from stages.train import malloc
 from stages.train.config import PlacementConfig, TrainConfig
@@ -110,12 +109,6 @@ def worker_env(placement: PlacementConfig) -> dict[str, str]:
     return {"XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", **malloc.ENV}
 
 
-def _free_address() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{s.getsockname()[1]}"
-
-
 def _join_cpu_processes() -> None:
     """``jax.distributed.initialize`` over 127.0.0.1 with gloo collectives, at the address
     rank 0 chose."""
@@ -125,7 +118,8 @@ def _join_cpu_processes() -> None:
 
     context = ray.train.get_context()
     rank = context.get_world_rank()
-    address = ray.train.collective.broadcast_from_rank_zero(_free_address() if rank == 0 else "")
+    chosen = f"{loopback.HOST}:{loopback.free_port()}" if rank == 0 else ""
+    address = ray.train.collective.broadcast_from_rank_zero(chosen)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(address, context.get_world_size(), rank)
 
