@@ -21,7 +21,8 @@ import socket
 import time
 import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import ray
@@ -42,8 +43,8 @@ from pipeline.status import FAILED, RUNNING, SUCCESS, Lease, read_status
 
 log = logging.getLogger("meshline")
 
-AUTH_MODE_ENV = "RAY_AUTH_MODE"
-"""Ray's switch for token authentication ("token" or "disabled"), read when a cluster starts."""
+TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
+"""The logger of Ray's notice that a new local cluster has token authentication on."""
 NODE_LOSS_RETRIES = 3
 DISPLAY_SECONDS = 1.0
 """How often the driver redraws the stages' progress."""
@@ -218,19 +219,30 @@ def connect(config: PipelineConfig) -> None:
     if address != "local":
         ray.init(address=address, logging_level=logging.WARNING)
         return
-    # Token authentication stays on, chosen explicitly: left to Ray's default it is on too,
-    # with a warning on every start.
-    os.environ.setdefault(AUTH_MODE_ENV, "token")
     # A local cluster gets its dashboard (on loopback, a free port): Ray's state API runs in
     # it, and Ray Train's placement group cleaner polls that API, warning every second
-    # while it cannot.
-    ray.init(
-        address=address,
-        include_dashboard=True,
-        dashboard_host=loopback.HOST,
-        dashboard_port=loopback.free_port(),
-        logging_level=logging.WARNING,
-    )
+    # while it cannot. Ray turns token authentication on for it (as we want) with a warning
+    # saying so at every start, which is kept off the console.
+    with _quiet(TOKEN_NOTICE_LOGGER):
+        ray.init(
+            address=address,
+            include_dashboard=True,
+            dashboard_host=loopback.HOST,
+            dashboard_port=loopback.free_port(),
+            logging_level=logging.WARNING,
+        )
+
+
+@contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    """Warnings of logger ``logger_name`` dropped while the block runs (errors still show)."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _check_reachable(address: str, timeout: float = 10.0) -> None:
