@@ -106,15 +106,19 @@ def run_all(
     unwrap: tuple[type[Exception], ...] = (),
     **options: Any,
 ) -> list[Any]:
-    """``run_tasks`` for calls that must all succeed: results in call order. The first failure
-    raises; a task's exception of a type in ``unwrap`` (errors whose message names the bad
-    input) is raised as itself, without Ray's traceback wrapper."""
+    """``run_tasks`` for calls that must all succeed: results in call order. A failure
+    raises once every other call has finished (their work, committed units, is kept for the
+    rerun): the first failed call's error, a task's exception of a type in ``unwrap``
+    (errors whose message names the bad input) as itself, without Ray's traceback wrapper."""
     results: list[Any] = [None] * len(calls)
+    failures: dict[int, RayError] = {}
     for outcome in run_tasks(fn, calls, **options):
-        error = outcome.error
-        if error is None:
+        if outcome.error is None:
             results[outcome.index] = outcome.result
-            continue
+        else:
+            failures[outcome.index] = outcome.error
+    if failures:
+        error = failures[min(failures)]
         cause = error.cause if isinstance(error, RayTaskError) else None
         if isinstance(cause, unwrap):
             raise type(cause)(str(cause)) from None

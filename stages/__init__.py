@@ -1,6 +1,8 @@
 """The pipeline's stages, one module or subpackage each, in the order data flows:
 
 - ``demo_corpus``: the offline demo's Pile-format mirror, built from the standard library.
+- ``documents`` and ``compression``: the document file formats and record fields that
+  download checks and dedup reads, and streaming zstd/gzip decoding.
 - ``download``: files from https, gs, file or a mirror stage, verified, with a manifest.
 - ``dedup``: exact, decontamination and MinHash-LSH near-duplicate removal on Ray Data.
 - ``tokenize``: BPE into packed Arrow rows, the tokenizer shipped with them.

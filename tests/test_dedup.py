@@ -4,14 +4,18 @@ after interrupted runs, bad input, and the demo pipeline through the executor.""
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 import random
 import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import zstandard
 
 from pipeline import executor, storage
 from pipeline.config import validate
@@ -224,6 +228,94 @@ def test_bad_input_fails_naming_file_and_place(ray_cluster, tmp_path):
     download = make_download(tmp_path / "cut", {"train/00.jsonl.zst": data[:-20]})
     with pytest.raises(ReadError, match=rf"train/00.jsonl.zst: truncated zstd .* {len(data) - 20}"):
         run_dedup(download, tmp_path / "out-cut")
+
+
+FORMATS = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
+
+
+def encoded(records: list[dict], suffix: str) -> bytes:
+    """``records`` as a file of format ``suffix`` (Parquet in row groups of 7 rows)."""
+    if suffix == ".parquet":
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(records), buf, row_group_size=7)
+        return buf.getvalue()
+    lines = "".join(json.dumps(r) + "\n" for r in records).encode()
+    compress = {".jsonl.gz": gzip.compress, ".jsonl.zst": zstandard.ZstdCompressor().compress}
+    return compress.get(suffix, bytes)(lines)
+
+
+def slimpajama_records() -> dict[str, list[dict]]:
+    """Two train files and a val file of SlimPajama-shaped records (the component at
+    ``meta.redpajama_set_name``, some without one), holding exact, near and held-out
+    duplicates."""
+    rng = random.Random(5)
+    base = [random_text(rng, 120) for _ in range(60)]
+
+    def record(text: str, component: str | None) -> dict:
+        return {"text": text, "meta": {"redpajama_set_name": component, "url": "u"}}
+
+    train0 = [record(t, "RedPajamaC4") for t in base[:30]]
+    train1 = [record(t, "RedPajamaGithub" if i % 3 else None) for i, t in enumerate(base[30:55])]
+    train1 += [record(base[3], "RedPajamaC4"), record(edited(rng, base[7], 0.01), "RedPajamaC4")]
+    train1 += [record(base[56], "RedPajamaC4")]
+    return {
+        "train/00": train0,
+        "train/01": train1,
+        "val": [record(t, "RedPajamaC4") for t in base[55:60]],
+    }
+
+
+def without_suffix(value, suffix: str):
+    """``value`` (rows or a report) with the file-name suffix ``suffix`` taken out of it."""
+    return json.loads(json.dumps(value).replace(suffix, ""))
+
+
+def test_every_format_gives_the_same_dedup_and_a_killed_parquet_run_resumes(ray_cluster, tmp_path):
+    records = slimpajama_records()
+    documents = {"component_field": "meta.redpajama_set_name", "component": "unlabelled"}
+    common = {"unit_docs": 8, "partitions": 3, "num_perm": 64, "documents": documents}
+    results = {}
+    for suffix in FORMATS:
+        files = {f"{stem}{suffix}": encoded(docs, suffix) for stem, docs in records.items()}
+        download = make_download(tmp_path / f"dl{suffix}", files)
+        out = tmp_path / f"out{suffix}"
+        run_dedup(download, out, **common)
+        report = json.loads((out / "report.json").read_text())
+        rows = {split: output_rows(out, split) for split in ("train", "val")}
+        results[suffix] = without_suffix({"rows": rows, "report": report}, suffix)
+        assert sorted(output_files(out)) == sorted(output_files(tmp_path / "out.jsonl"))
+    expected = results[".jsonl"]
+    assert all(results[suffix] == expected for suffix in FORMATS)
+    totals = expected["report"]["totals"]
+    assert (totals["exact_duplicates"], totals["near_duplicates"], totals["decontaminated"]) == (
+        1,
+        1,
+        1,
+    )
+    assert "unlabelled" in expected["report"]["components"]
+    assert expected["rows"]["train"][0]["doc_id"] == "train/00:1"
+
+    # Killed while parsing a Parquet file: only its first unit had been committed.
+    parquet = tmp_path / "out.parquet"
+    finished = output_files(parquet)
+    forget(parquet, lambda name: name.startswith("parse/") and name.endswith("/00000"))
+    run_dedup(str(tmp_path / "dl.parquet"), parquet, **common)
+    assert output_files(parquet) == finished
+
+
+def test_a_parquet_file_without_the_text_column_fails_naming_both(ray_cluster, tmp_path):
+    good = [
+        {"text": random_text(random.Random(i), 40), "meta": {"pile_set_name": "A"}}
+        for i in range(3)
+    ]
+    bad = [{"body": "no text column", "meta": {"pile_set_name": "A"}}]
+    files = {"train/00.parquet": encoded(good, ".parquet")}
+    files["train/01.parquet"] = encoded(bad, ".parquet")
+    download = make_download(tmp_path / "dl", files)
+    with pytest.raises(ReadError, match=r"train/01.parquet: no column 'text' \(columns: body"):
+        run_dedup(download, tmp_path / "out")
+    # The good file's units commit (the failure waits for them) and serve the rerun.
+    assert Ledger(str(tmp_path / "out")).is_committed("parsed/train/00.parquet")
 
 
 def run_demo_dedup(root: Path) -> dict:

@@ -3,11 +3,14 @@ against exact Jaccard, LSH band choice, and connected components against union-f
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import ray
 import zstandard
@@ -15,7 +18,8 @@ import zstandard
 from stages.dedup import minhash
 from stages.dedup.components import connected_components
 from stages.dedup.phases import PAIR_WINDOW, bucket_pairs
-from stages.dedup.reader import Document, Malformed, ReadError, iter_lines, parse_line
+from stages.dedup.reader import ReadError, iter_lines, iter_records, parse_line
+from stages.documents import Document, Fields, Malformed
 from tests.dedup_corpus import edited, pile_line, random_text
 
 
@@ -68,6 +72,63 @@ def test_truncated_and_corrupt_zstd_name_file_and_offset(tmp_path):
     path.write_bytes(data + b"this is no zstd frame")
     with pytest.raises(ReadError, match=r"cut.jsonl.zst: corrupt zstd data near compressed byte"):
         list(iter_lines(str(path), "cut.jsonl.zst"))
+
+
+def test_gzip_members_stream_like_zstd_frames_and_bad_gzip_is_named(tmp_path):
+    lines = [pile_line(f"doc {i}") for i in range(50)]
+    members = b"".join(gzip.compress("".join(lines[i : i + 7]).encode()) for i in range(0, 50, 7))
+    path = tmp_path / "multi.json.gz"
+    path.write_bytes(members)
+    got = list(iter_records(str(path), "multi.json.gz", start=44))
+    assert got == [(n, Document(f"doc {n - 1}", "Pile-CC")) for n in range(44, 51)]
+    path.write_bytes(members[:-30])
+    with pytest.raises(ReadError, match=r"multi.json.gz: truncated gzip stream"):
+        list(iter_lines(str(path), "multi.json.gz"))
+    path.write_bytes(members + b"not gzip at all")
+    with pytest.raises(ReadError, match=r"multi.json.gz: corrupt gzip data near compressed byte"):
+        list(iter_lines(str(path), "multi.json.gz"))
+
+
+def test_parquet_rows_stream_by_row_group_from_any_row(tmp_path):
+    texts = [f"doc {i}" for i in range(23)] + [None]
+    table = pa.table(
+        {
+            "content": texts,
+            "meta": [{"source": "web" if i % 2 else None} for i in range(24)],
+        }
+    )
+    path = tmp_path / "part.parquet"
+    pq.write_table(table, path, row_group_size=5)
+    fields = Fields("content", "meta.source", default_component="unknown")
+    rows = list(iter_records(str(path), "part.parquet", fields=fields))
+    assert [n for n, _ in rows] == list(range(1, 25))
+    assert rows[0][1] == Document("doc 0", "unknown") and rows[1][1] == Document("doc 1", "web")
+    assert rows[-1][1] == Malformed("missing content")
+    assert list(iter_records(str(path), "part.parquet", start=12, fields=fields)) == rows[11:]
+    with pytest.raises(ReadError, match=r"part.parquet: no column 'text' \(columns: content, meta"):
+        list(iter_records(str(path), "part.parquet"))
+
+
+def test_fields_find_nested_paths_a_constant_or_say_what_is_missing():
+    slimpajama = Fields(component="meta.redpajama_set_name")
+    line = b'{"text": "t", "meta": {"redpajama_set_name": "RedPajamaGithub"}}'
+    assert parse_line(line, slimpajama) == Document("t", "RedPajamaGithub")
+    assert parse_line(b'{"text": "t", "meta": {}}', slimpajama) == Malformed(
+        "meta.redpajama_set_name missing or not a string"
+    )
+    assert parse_line(b'{"text": "t", "meta": 3}', slimpajama) == Malformed(
+        "meta.redpajama_set_name missing or not a string"
+    )
+    fallback = Fields(component="meta.source", default_component="web")
+    assert parse_line(b'{"text": "t"}', fallback) == Document("t", "web")
+    assert parse_line(b'{"text": "t", "meta": {"source": "wiki"}}', fallback) == Document(
+        "t", "wiki"
+    )
+    constant = Fields("doc.body", None, "mine")
+    assert parse_line(b'{"doc": {"body": "b"}, "meta": {"x": 1}}', constant) == Document(
+        "b", "mine"
+    )
+    assert parse_line(b'{"doc": {}}', constant) == Malformed("missing doc.body")
 
 
 def test_a_50_mb_document_streams_as_one_line(tmp_path):

@@ -5,13 +5,17 @@ the ``ray_cluster`` fixture, as the executor's stage actor would."""
 from __future__ import annotations
 
 import base64
+import gzip
 import hashlib
+import io
 import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import zstandard
 from pydantic import ValidationError
@@ -20,10 +24,11 @@ from pipeline import storage
 from pipeline.ledger import Ledger
 from pipeline.stage import REGISTRY, StageContext, Upstream
 from stages.demo_corpus import DemoCorpusConfig, build_demo_corpus
+from stages.documents import Fields
 from stages.download import (
+    DocumentCheck,
     DownloadConfig,
     DownloadError,
-    PileCheck,
     parse_checksums,
     redact_url,
     resolve_sources,
@@ -224,9 +229,11 @@ def test_files_that_are_not_pile_fail_their_units_while_good_ones_commit(
         run_download(tmp_path, sources=sorted(files), base_url=server.url, **FAST)
     message = str(e.value)
     assert "failed for 3 of 4 files" in message
-    assert "plain.jsonl.zst: not valid zstd (zstd decompressor error: Unknown frame" in message
-    assert "cut.jsonl.zst: not valid zstd (truncated frame)" in message
-    assert "other.jsonl.zst: first line is not Pile JSON" in message
+    assert "plain.jsonl.zst: corrupt zstd data near compressed byte 0: zstd decompressor" in message
+    assert "cut.jsonl.zst: truncated zstd stream, ends inside a frame" in message
+    assert "other.jsonl.zst: first line lacks the configured document fields: missing text" in (
+        message
+    )
     ledger = Ledger(str(tmp_path / "out"))
     assert [r["name"] for r in ledger.records()] == ["good.jsonl.zst"]
     assert (tmp_path / "out" / "good.jsonl.zst").read_bytes() == files["good.jsonl.zst"]
@@ -363,11 +370,38 @@ def test_checksum_files_in_either_sha256sum_style() -> None:
     assert parse_checksums(text) == {"train/00.jsonl.zst": "ab12", "val.jsonl.zst": "cd34"}
 
 
-def test_pile_check_accepts_several_zstd_frames_fed_in_odd_pieces() -> None:
+def fed(check: DocumentCheck, data: bytes, piece: int = 7) -> DocumentCheck:
+    """``check`` after ``data`` streamed past it in pieces of ``piece`` bytes."""
+    for start in range(0, len(data), piece):
+        check.feed(data[start : start + piece])
+    return check
+
+
+def test_document_check_accepts_several_zstd_frames_fed_in_odd_pieces() -> None:
     compress = zstandard.ZstdCompressor().compress
     line = json.dumps({"text": "a" * 5000, "meta": {"pile_set_name": "Github"}}).encode()
     data = compress(line[:3000]) + compress(line[3000:] + b"\n") + compress(b"more\n")
-    check = PileCheck("x.jsonl.zst")
-    for start in range(0, len(data), 7):
-        check.feed(data[start : start + 7])
-    check.finish()
+    fed(DocumentCheck("x.jsonl.zst", Fields()), data).finish()
+
+
+def test_document_check_reads_gzip_members_and_the_configured_fields() -> None:
+    line = json.dumps({"text": "t", "meta": {"redpajama_set_name": "RedPajamaC4"}}) + "\n"
+    data = gzip.compress(line.encode()) + gzip.compress(b"more\n")
+    slimpajama = Fields(component="meta.redpajama_set_name")
+    fed(DocumentCheck("x.jsonl.gz", slimpajama), data).finish()
+    with pytest.raises(DownloadError, match=r"x.jsonl.gz: first line lacks .*meta.pile_set_name"):
+        fed(DocumentCheck("x.jsonl.gz", Fields()), data).finish()
+    with pytest.raises(DownloadError, match=r"x.json.gz: truncated gzip stream"):
+        fed(DocumentCheck("x.json.gz", slimpajama), data[:-9]).finish()
+
+
+def test_document_check_finds_the_columns_in_a_parquet_footer() -> None:
+    buffer = io.BytesIO()
+    table = pa.table({"content": ["a"] * 300, "meta": [{"source": "web"}] * 300})
+    pq.write_table(table, buffer, row_group_size=50)
+    data = buffer.getvalue()
+    fed(DocumentCheck("x.parquet", Fields("content", "meta.source")), data, 100).finish()
+    with pytest.raises(DownloadError, match=r"x.parquet: no column 'text' \(columns: content"):
+        fed(DocumentCheck("x.parquet", Fields()), data, 100).finish()
+    with pytest.raises(DownloadError, match=r"x.parquet: not Parquet \(no PAR1 magic"):
+        fed(DocumentCheck("x.parquet", Fields()), data[:-1]).finish()

@@ -1,6 +1,7 @@
-"""The dedup stage: exact and MinHash-LSH near-duplicate removal of the downloaded Pile files.
+"""The dedup stage: exact and MinHash-LSH near-duplicate removal of the downloaded document
+files.
 
-``reader`` streams jsonl.zst files, ``minhash`` hashes texts, ``components`` joins candidate
+``reader`` streams JSON lines (plain, zstd, gzip) and Parquet, ``minhash`` hashes texts, ``components`` joins candidate
 pairs into clusters, ``units`` and ``phases`` do each phase's work on one unit, and
 ``stage`` runs the phases and registers the stage (importing this package registers it).
 """

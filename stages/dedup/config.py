@@ -7,20 +7,25 @@ from pydantic import Field, model_validator
 
 from pipeline.stage import StageConfig
 from stages.dedup.minhash import Normalize, Scheme, ShingleKind, choose_bands
+from stages.documents import DocumentFields
 
 
 class DedupConfig(StageConfig):
     """Exact dedup, held-out decontamination and MinHash-LSH near dedup of the download."""
 
     unit_docs: int = Field(default=100_000, ge=1)
-    """Lines per unit at most: a file's stream is cut into units of consecutive lines, each
-    parsed, hashed and written on its own (one output shard per unit)."""
+    """Records (lines or Parquet rows) per unit at most: a file's stream is cut into units
+    of consecutive records, each parsed, hashed and written on its own (one output shard
+    per unit)."""
     unit_mb: float = Field(default=256.0, gt=0)
     """Text per unit at most, in 10^6 UTF-8 bytes (a unit ends after the line that reaches
     it, so one long document makes a unit of its own)."""
     strict: bool = False
-    """Fail on the first malformed line (naming file and line) instead of counting and
-    skipping it."""
+    """Fail on the first malformed record (naming file and line or row) instead of counting
+    and skipping it."""
+    documents: DocumentFields = DocumentFields()
+    """Where each record keeps its text and component (``text_field``, ``component_field``,
+    ``component``)."""
     exact: bool = True
     """Remove train documents whose text hash equals an earlier train document's (the one
     with the smallest doc_id survives)."""

@@ -1,86 +1,63 @@
-"""Streaming reader of Pile-format ``.jsonl.zst`` / ``.jsonl`` files.
+"""Streaming readers of raw document files: JSON lines (``.jsonl``, ``.jsonl.zst``,
+``.jsonl.gz``, ``.json.gz``) and Parquet (``.parquet``).
 
 Ray Data's JSON reader loads a whole file per read task, and a Pile shard is ~27 GiB
 uncompressed, so this reader streams: compressed bytes are read in chunks and fed to a
-zstd decoder in small slices (a file may hold several frames in a row), lines are cut
-from the decoded stream, and only the current line is ever held whole (a single 50 MB
-document is one line). ``iter_lines`` can start at any line: lines before it are only
-counted, never parsed, so a resumed task skips finished work cheaply.
+zstd or gzip decoder in small slices (a file may hold several frames or members in a row),
+lines are cut from the decoded stream, and only the current line is ever held whole (a
+single 50 MB document is one line). Parquet is read a row group at a time, in batches.
+``iter_records`` can start at any record: records before it are only counted (lines) or
+skipped by row-group sizes (Parquet), never parsed, so a resumed task skips finished work
+cheaply. Parquet rows are numbered from 1, as lines are, so a document's id is
+``file:line`` or ``file:row`` alike.
 
 A zstd frame can only be decoded from its start, so one reader streams each file; the
-stage cuts that stream into line-range units that every later phase processes in
-parallel. ``parse_line`` turns one line into a document or a ``Malformed`` reason (bad
-JSON, invalid UTF-8, a missing or mistyped field) so callers can count and skip it.
+stage cuts that stream into record-range units that every later phase processes in
+parallel. Each record becomes a document or a ``Malformed`` reason (bad JSON, invalid
+UTF-8, and what ``documents.Fields`` finds wrong: a missing or mistyped field) so callers can
+count and skip it.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
 
-import zstandard
+import pyarrow.parquet as pq
 
 from pipeline import storage
+from stages.compression import CorruptStream, Decompressor
+from stages.documents import PARQUET_SUFFIX, Document, Fields, Malformed
+
+PILE_FIELDS = Fields()
+"""The Pile's record shape: ``{"text": str, "meta": {"pile_set_name": str}}``."""
 
 # Compressed bytes read from storage at a time.
 READ_BYTES = 4 * 2**20
-# Compressed bytes handed to the zstd decoder per call, so one call's output stays small.
-FEED_BYTES = 256 * 2**10
+# Parquet rows converted to Python records at a time.
+PARQUET_BATCH_ROWS = 1024
 
 
 class ReadError(Exception):
-    """A file cannot be read (corrupt or truncated zstd); the message names file and offset."""
+    """A file cannot be read (corrupt or truncated compression, a Parquet file without a
+    configured column); the message names file and offset or column."""
 
 
 class MalformedLine(Exception):
-    """A malformed line under ``strict``; the message names file and line."""
-
-
-@dataclass(frozen=True)
-class Document:
-    text: str
-    pile_set_name: str
-
-
-@dataclass(frozen=True)
-class Malformed:
-    reason: str
+    """A malformed record under ``strict``; the message names file and line (or row)."""
 
 
 def _decoded_chunks(uri: str, name: str) -> Iterator[bytes]:
-    """The decompressed bytes of ``uri`` (plain bytes unless it ends in ``.zst``)."""
+    """The decompressed bytes of ``uri`` (plain bytes unless it ends in ``.zst``/``.gz``)."""
+    decompressor = Decompressor.for_file(name)
     with storage.open_file(uri, "rb") as f:
-        if not name.endswith(".zst"):
+        try:
             while chunk := f.read(READ_BYTES):
-                yield chunk
-            return
-        decoder = zstandard.ZstdDecompressor()
-        frame = decoder.decompressobj()
-        in_frame = False
-        offset = 0
-        while chunk := f.read(READ_BYTES):
-            for start in range(0, len(chunk), FEED_BYTES):
-                data = chunk[start : start + FEED_BYTES]
-                while data:
-                    try:
-                        out = frame.decompress(data)
-                    except zstandard.ZstdError as exc:
-                        raise ReadError(
-                            f"{name}: corrupt zstd data near compressed byte {offset}: {exc}"
-                        ) from None
-                    if out:
-                        yield out
-                    if not frame.eof:
-                        in_frame = True
-                        break
-                    # A frame ended inside this slice: the rest starts the next frame.
-                    data = frame.unused_data
-                    frame = decoder.decompressobj()
-                    in_frame = False
-                offset += len(chunk[start : start + FEED_BYTES])
-        if in_frame:
-            raise ReadError(f"{name}: truncated zstd stream, ends inside a frame at byte {offset}")
+                yield from decompressor.feed(chunk) if decompressor else (chunk,)
+            if decompressor:
+                decompressor.check_complete()
+        except CorruptStream as exc:
+            raise ReadError(f"{name}: {exc}") from None
 
 
 def iter_lines(uri: str, name: str, start_line: int = 1) -> Iterator[tuple[int, bytes]]:
@@ -108,28 +85,52 @@ def iter_lines(uri: str, name: str, start_line: int = 1) -> Iterator[tuple[int, 
         yield line_no, b"".join(pending)
 
 
-def parse_line(line: bytes) -> Document | Malformed:
-    """One Pile line as a document, or why it is malformed."""
+def parse_line(line: bytes, fields: Fields = PILE_FIELDS) -> Document | Malformed:
+    """One JSON line as a document, or why it is malformed."""
     try:
         raw = line.decode("utf-8")
     except UnicodeDecodeError as exc:
         return Malformed(f"invalid UTF-8 at byte {exc.start}")
     try:
-        doc = json.loads(raw)
+        record = json.loads(raw)
     except ValueError as exc:
         return Malformed(f"not JSON ({exc})")
-    if not isinstance(doc, dict):
-        return Malformed("not a JSON object")
-    text = doc.get("text")
-    if not isinstance(text, str):
-        return Malformed("missing text" if text is None else "text is not a string")
-    meta = doc.get("meta")
-    name = meta.get("pile_set_name") if isinstance(meta, dict) else None
-    if not isinstance(name, str):
-        return Malformed("meta.pile_set_name missing or not a string")
-    try:
-        # JSON may escape lone surrogates, which no UTF-8 output (Parquet) can hold.
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return Malformed("text holds a lone surrogate (not valid Unicode)")
-    return Document(text, name)
+    return fields.document(record)
+
+
+def _parquet_records(
+    uri: str, name: str, start: int, fields: Fields
+) -> Iterator[tuple[int, Document | Malformed]]:
+    with storage.open_file(uri, "rb") as f:
+        parquet = pq.ParquetFile(f)
+        present = parquet.schema_arrow.names
+        for column in fields.required_columns():
+            if column not in present:
+                raise ReadError(f"{name}: no column {column!r} (columns: {', '.join(present)})")
+        columns = [c for c in fields.columns() if c in present]
+        row = 1
+        for group in range(parquet.metadata.num_row_groups):
+            rows = parquet.metadata.row_group(group).num_rows
+            if row + rows <= start:
+                row += rows
+                continue
+            batches = parquet.iter_batches(
+                batch_size=PARQUET_BATCH_ROWS, row_groups=[group], columns=columns
+            )
+            for batch in batches:
+                for record in batch.to_pylist():
+                    if row >= start:
+                        yield row, fields.document(record)
+                    row += 1
+
+
+def iter_records(
+    uri: str, name: str, start: int = 1, fields: Fields = PILE_FIELDS
+) -> Iterator[tuple[int, Document | Malformed]]:
+    """``(1-based line or row number, document or why it is malformed)`` for every record
+    of file ``name`` from ``start`` on."""
+    if name.endswith(PARQUET_SUFFIX):
+        yield from _parquet_records(uri, name, start, fields)
+        return
+    for number, line in iter_lines(uri, name, start):
+        yield number, parse_line(line, fields)

@@ -56,13 +56,13 @@ from stages.dedup.units import (
     parquet_bytes,
     read_parquet,
 )
+from stages.documents import INPUT_SUFFIXES
 from stages.download.manifest import downloaded_files
 
 log = logging.getLogger("meshline.dedup")
 
 REPORT_UNIT = "report"
 REPORT_FILE = "report.json"
-INPUT_SUFFIXES = (".jsonl.zst", ".jsonl")
 COUNTS = (
     "docs_in",
     "exact_duplicates",
@@ -78,7 +78,8 @@ class DedupError(Exception):
 
 
 def input_files(download_uri: str) -> list[tuple[str, str]]:
-    """(name, uri) of every Pile data file the download manifest lists, sorted by name."""
+    """(name, uri) of every document file (JSON lines or Parquet) the download manifest
+    lists, sorted by name."""
     return downloaded_files(download_uri, INPUT_SUFFIXES)
 
 

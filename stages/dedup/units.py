@@ -1,8 +1,9 @@
-"""Work units of the dedup stage: parsing a file into line-range units, and the Parquet
-files those units and later phases read and write.
+"""Work units of the dedup stage: parsing a file into record-range units (lines, or
+Parquet rows), and the Parquet files those units and later phases read and write.
 
-A document's key is ``file_index << 40 | line`` (files in sorted name order), so integer
-order is doc_id order and "the smallest doc_id survives" is a comparison of keys.
+A document's key is ``file_index << 40 | line`` (files in sorted name order; a Parquet
+row's number stands for the line), so integer order is doc_id order and "the smallest
+doc_id survives" is a comparison of keys.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from pipeline.ledger import Ledger
 from stages.dedup.components import partition_of
 from stages.dedup.config import DedupConfig
 from stages.dedup.minhash import exact_hash
-from stages.dedup.reader import Document, MalformedLine, iter_lines, parse_line
+from stages.dedup.reader import MalformedLine, iter_records
+from stages.documents import Document, Malformed, record_word
 
 LINE_BITS = 40
 WORK = "_work"
@@ -125,8 +127,9 @@ class FileParser:
         units = list(self.committed())
         start = units[-1]["end_line"] if units else 1
         pending = _Pending(start)
-        for line_no, line in iter_lines(self.uri, self.file, start):
-            self._take(pending, line_no, line)
+        records = iter_records(self.uri, self.file, start, self.config.documents.fields())
+        for line_no, parsed in records:
+            self._take(pending, line_no, parsed)
             if (
                 line_no + 1 - pending.first_line >= self.config.unit_docs
                 or pending.text_bytes >= self.config.unit_bytes
@@ -141,11 +144,12 @@ class FileParser:
             )
         return units
 
-    def _take(self, pending: _Pending, line_no: int, line: bytes) -> None:
-        parsed = parse_line(line)
+    def _take(self, pending: _Pending, line_no: int, parsed: Document | Malformed) -> None:
         if not isinstance(parsed, Document):
             if self.config.strict:
-                raise MalformedLine(f"{self.file}:{line_no}: malformed line: {parsed.reason}")
+                raise MalformedLine(
+                    f"{self.file}:{line_no}: malformed {record_word(self.file)}: {parsed.reason}"
+                )
             pending.malformed += 1
             if len(pending.malformed_listed) < MALFORMED_LISTED:
                 pending.malformed_listed.append([line_no, parsed.reason])

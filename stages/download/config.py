@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from pipeline.stage import StageConfig
+from stages.documents import DocumentFields
 
 MIRROR_STAGE = "demo_corpus"
 """An upstream stage whose output is a mirror (files plus ``SHA256SUMS.txt``) to download."""
@@ -39,9 +40,13 @@ class DownloadConfig(StageConfig):
     shared_filesystem: bool = False
     """A local output directory is visible to every node (NFS, or a fake multi-node cluster
     on one machine), so any node may fetch; otherwise fetches run on the stage's node."""
-    verify_pile: bool = True
-    """Fail a ``.zst`` file that is not valid zstd, and a ``.jsonl``/``.jsonl.zst`` file whose
-    first line is not Pile JSON (``{"text": str, "meta": {"pile_set_name": str}}``)."""
+    verify: bool = True
+    """Fail a ``.zst``/``.gz`` file that does not decompress whole, a JSON-lines file
+    (``.jsonl``, ``.jsonl.zst``, ``.jsonl.gz``, ``.json.gz``) whose first line lacks the
+    ``documents`` fields, and a ``.parquet`` file without their columns."""
+    documents: DocumentFields = DocumentFields()
+    """Where each record keeps its text and component, as ``verify`` checks (the Pile's
+    ``{"text": str, "meta": {"pile_set_name": str}}`` by default)."""
 
     volatile_fields = frozenset(
         {

@@ -17,7 +17,7 @@ from pipeline.tasks import Placement, run_tasks
 from stages.download.config import DownloadConfig, DownloadError
 from stages.download.sources import FileItem
 from stages.download.transfer import RangeIgnored, chunks
-from stages.download.verify import PileCheck
+from stages.download.verify import DocumentCheck
 
 log = logging.getLogger("meshline.download")
 
@@ -38,7 +38,7 @@ class Fetched:
     sha256: str
 
 
-def _stream_into(out: IO[bytes], body: Iterator[bytes], check: PileCheck | None) -> None:
+def _stream_into(out: IO[bytes], body: Iterator[bytes], check: DocumentCheck | None) -> None:
     for chunk in body:
         out.write(chunk)
         if check is not None:
@@ -49,7 +49,9 @@ def _attempt(
     ledger: Ledger, item: FileItem, config: DownloadConfig, session: requests.Session
 ) -> Fetched:
     """Fetch ``item`` once into its unit; the unit commits only if every check passes."""
-    check = PileCheck(item.name) if config.verify_pile and PileCheck.applies_to(item.name) else None
+    check = None
+    if config.verify and DocumentCheck.applies_to(item.name):
+        check = DocumentCheck(item.name, config.documents.fields())
     with ledger.unit(item.name) as unit:
         with unit.open(item.name) as out:
             _stream_into(out, chunks(item.url, config, session), check)
