@@ -1,5 +1,6 @@
 """Dedup benchmark: MinHash signature throughput per core against datasketch, and the whole
-stage's MB/s and peak memory at two corpus sizes, measured in one run.
+stage's MB/s and peak memory at two corpus sizes, and its MB/s on the larger corpus as
+Parquet beside ``.jsonl.zst`` (a format should never be a slow path), measured in one run.
 
     pip install datasketch   # the baseline; not a meshline dependency
     python benchmarks/dedup.py [--docs 2000] [--sizes 4 8]
@@ -27,7 +28,14 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stages.dedup import minhash  # noqa: E402
-from tests.dedup_corpus import edited, make_download, pile_line, random_text, run_dedup  # noqa: E402
+from tests.dedup_corpus import (  # noqa: E402
+    edited,
+    encoded,
+    make_download,
+    pile_record,
+    random_text,
+    run_dedup,
+)
 
 NUM_PERM = 256
 NGRAM = 5
@@ -92,25 +100,32 @@ class PeakRss:
         self._thread.join()
 
 
-def stage_run(mb: float, work: Path) -> tuple[float, float, int, int]:
+def stage_corpus(mb: float) -> list[dict]:
+    """Pile records of about ``mb`` MB of text, a tenth of them near-duplicates."""
     rng = random.Random(int(mb * 10))
-    lines, size, shard = [], 0, []
+    records, size = [], 0
     while size < mb * 1e6:
         text = random_text(rng, rng.randint(100, 1500))
         if rng.random() < 0.1:
             text = edited(rng, text, 0.02)
-        lines.append(pile_line(text))
+        records.append(pile_record(text))
         size += len(text)
-    for k in range(4):
-        shard.append("".join(lines[k::4]))
-    files = {f"train/{k:02d}.jsonl.zst": s for k, s in enumerate(shard)}
-    files["val.jsonl.zst"] = "".join(lines[:20])
-    download = make_download(work / f"dl-{mb}", files)
+    return records
+
+
+def stage_run(records: list[dict], suffix: str, work: Path) -> tuple[float, float, int, int]:
+    """The stage over ``records`` written as four train files and a val file of format
+    ``suffix``: (MB of text, seconds, peak RSS of the largest process, of all)."""
+    files = {f"train/{k:02d}{suffix}": encoded(records[k::4], suffix, 1000) for k in range(4)}
+    files[f"val{suffix}"] = encoded(records[:20], suffix)
+    size = sum(len(r["text"]) for r in records) / 1e6
+    download = make_download(work / f"dl-{size:.0f}{suffix}", files)
     with PeakRss() as rss:
         started = time.perf_counter()
-        run_dedup(download, work / f"out-{mb}", unit_docs=5000, partitions=8, max_workers=2)
+        out = work / f"out-{size:.0f}{suffix}"
+        run_dedup(download, out, unit_docs=5000, partitions=8, max_workers=2)
         seconds = time.perf_counter() - started
-    return size / 1e6, seconds, rss.largest, rss.total
+    return size, seconds, rss.largest, rss.total
 
 
 def main() -> None:
@@ -134,7 +149,9 @@ def main() -> None:
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     work = Path(tempfile.mkdtemp(prefix="dedup-bench-"))
     try:
-        results = [stage_run(size, work) for size in args.sizes]
+        corpora = [stage_corpus(size) for size in args.sizes]
+        results = [stage_run(records, ".jsonl.zst", work) for records in corpora]
+        as_parquet = stage_run(corpora[-1], ".parquet", work)
     finally:
         ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
@@ -146,6 +163,11 @@ def main() -> None:
         )
     (s1, _, l1, t1), (s2, _, l2, t2) = results
     print(f"  corpus x{s2 / s1:.2f}: largest process x{l2 / l1:.2f}, all processes x{t2 / t1:.2f}")
+    zst_seconds, parquet_seconds = results[-1][1], as_parquet[1]
+    print(
+        f"  formats, {s2:.1f} MB: .jsonl.zst {s2 / zst_seconds:.2f} MB/s, "
+        f".parquet {s2 / parquet_seconds:.2f} MB/s ({zst_seconds / parquet_seconds:.2f}x)"
+    )
 
 
 if __name__ == "__main__":

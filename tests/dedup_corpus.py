@@ -3,11 +3,14 @@ with planted near-duplicates, and running the registered stage in-process."""
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 import random
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
 
@@ -18,8 +21,24 @@ from stages.dedup import DedupConfig
 WORDS = [f"{a}{b}" for a in ("ka", "lo", "mi", "ne", "po", "ru", "si", "ta") for b in range(400)]
 
 
+def pile_record(text: str, component: str = "Pile-CC") -> dict:
+    return {"text": text, "meta": {"pile_set_name": component}}
+
+
 def pile_line(text: str, component: str = "Pile-CC") -> str:
-    return json.dumps({"text": text, "meta": {"pile_set_name": component}}) + "\n"
+    return json.dumps(pile_record(text, component)) + "\n"
+
+
+def encoded(records: list[dict], suffix: str, row_group_rows: int = 7) -> bytes:
+    """``records`` as a file of format ``suffix`` (Parquet in row groups of
+    ``row_group_rows`` rows; few, so that small test files have several)."""
+    if suffix == ".parquet":
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(records), buf, row_group_size=row_group_rows)
+        return buf.getvalue()
+    lines = "".join(json.dumps(r) + "\n" for r in records).encode()
+    compress = {".jsonl.gz": gzip.compress, ".jsonl.zst": zstandard.ZstdCompressor().compress}
+    return compress.get(suffix, bytes)(lines)
 
 
 def make_download(root: Path, files: dict[str, bytes | str]) -> str:

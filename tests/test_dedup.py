@@ -4,15 +4,12 @@ after interrupted runs, bad input, and the demo pipeline through the executor.""
 
 from __future__ import annotations
 
-import gzip
-import io
 import json
 import random
 import shutil
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
@@ -24,6 +21,7 @@ from stages.dedup import minhash
 from stages.dedup.reader import MalformedLine, ReadError
 from tests.dedup_corpus import (
     edited,
+    encoded,
     make_download,
     output_files,
     output_rows,
@@ -222,7 +220,6 @@ def test_bad_input_fails_naming_file_and_place(ray_cluster, tmp_path):
     download = make_download(tmp_path / "strict", {"train/00.jsonl.zst": good + "[1, 2]\n"})
     with pytest.raises(MalformedLine, match=r"train/00.jsonl.zst:31: malformed line: not a JSON"):
         run_dedup(download, tmp_path / "out-strict", strict=True)
-    import zstandard
 
     data = zstandard.ZstdCompressor().compress(good.encode())
     download = make_download(tmp_path / "cut", {"train/00.jsonl.zst": data[:-20]})
@@ -231,17 +228,6 @@ def test_bad_input_fails_naming_file_and_place(ray_cluster, tmp_path):
 
 
 FORMATS = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
-
-
-def encoded(records: list[dict], suffix: str) -> bytes:
-    """``records`` as a file of format ``suffix`` (Parquet in row groups of 7 rows)."""
-    if suffix == ".parquet":
-        buf = io.BytesIO()
-        pq.write_table(pa.Table.from_pylist(records), buf, row_group_size=7)
-        return buf.getvalue()
-    lines = "".join(json.dumps(r) + "\n" for r in records).encode()
-    compress = {".jsonl.gz": gzip.compress, ".jsonl.zst": zstandard.ZstdCompressor().compress}
-    return compress.get(suffix, bytes)(lines)
 
 
 def slimpajama_records() -> dict[str, list[dict]]:
