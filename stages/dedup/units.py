@@ -37,12 +37,15 @@ EXACT_DUP, NEAR_DUP, CONTAMINATED = 1, 2, 3
 
 
 def split_of(name: str) -> str:
-    """The output split of an input file: ``val*`` -> val, ``test*`` -> test, else train."""
-    base = name.rpartition("/")[2]
-    if base.startswith("val"):
-        return "val"
-    if base.startswith("test"):
-        return "test"
+    """The output split of an input file, from its top directory or its file name (the
+    Pile's ``val.jsonl.zst``, SlimPajama's ``validation/chunk1/...``): ``val*`` -> val,
+    ``test*`` -> test, else train."""
+    parts = name.split("/")
+    for part in dict.fromkeys((parts[0], parts[-1])):
+        if part.startswith("val"):
+            return "val"
+        if part.startswith("test"):
+            return "test"
     return "train"
 
 
