@@ -265,7 +265,8 @@ def test_every_format_gives_the_same_dedup_and_a_killed_parquet_run_resumes(ray_
         files = {f"{stem}{suffix}": encoded(docs, suffix) for stem, docs in records.items()}
         download = make_download(tmp_path / f"dl{suffix}", files)
         out = tmp_path / f"out{suffix}"
-        run_dedup(download, out, **common)
+        # Work files kept: the Parquet run is killed afterwards, back to its first units.
+        run_dedup(download, out, keep_intermediate=True, **common)
         report = json.loads((out / "report.json").read_text())
         rows = {split: output_rows(out, split) for split in ("train", "val")}
         results[suffix] = without_suffix({"rows": rows, "report": report}, suffix)
