@@ -1,9 +1,10 @@
 """The dedup stage: exact and MinHash-LSH near-duplicate removal of the downloaded document
 files.
 
-``reader`` streams JSON lines (plain, zstd, gzip) and Parquet, ``minhash`` hashes texts, ``components`` joins candidate
-pairs into clusters, ``units`` and ``phases`` do each phase's work on one unit, and
-``stage`` runs the phases and registers the stage (importing this package registers it).
+``reader`` streams JSON lines (plain, zstd, gzip) and Parquet, ``minhash`` hashes texts,
+``components`` joins candidate pairs into clusters, ``units`` and ``phases`` do each phase's
+work on one unit, and ``stage`` runs the phases and registers the stage (importing this
+package registers it).
 """
 
 from stages.dedup.config import DedupConfig
