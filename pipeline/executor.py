@@ -21,8 +21,7 @@ import socket
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import ray
@@ -33,7 +32,7 @@ from pipeline import lineage, loopback, storage
 from pipeline.config import ConfigError, PipelineConfig
 from pipeline.console import RunDisplay, run_display
 from pipeline.ledger import Ledger
-from pipeline.logs import LOG_FILE, console_logging, kept_log, last_line
+from pipeline.logs import LOG_FILE, console_logging, kept_log, last_line, quiet
 from pipeline.plan import PlannedStage, plan, select
 from pipeline.progress import ProgressBoard, reporting
 from pipeline.raydata import quiet_ray_data, release_stranded_data_coordinator
@@ -223,7 +222,7 @@ def connect(config: PipelineConfig) -> None:
     # it, and Ray Train's placement group cleaner polls that API, warning every second
     # while it cannot. Ray turns token authentication on for it (as we want) with a warning
     # saying so at every start, which is kept off the console.
-    with _quiet(TOKEN_NOTICE_LOGGER):
+    with quiet(TOKEN_NOTICE_LOGGER):
         ray.init(
             address=address,
             include_dashboard=True,
@@ -231,18 +230,6 @@ def connect(config: PipelineConfig) -> None:
             dashboard_port=loopback.free_port(),
             logging_level=logging.WARNING,
         )
-
-
-@contextmanager
-def _quiet(logger_name: str) -> Iterator[None]:
-    """Warnings of logger ``logger_name`` dropped while the block runs (errors still show)."""
-    logger = logging.getLogger(logger_name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _check_reachable(address: str, timeout: float = 10.0) -> None:

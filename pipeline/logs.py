@@ -42,6 +42,18 @@ def console_logging(fmt: str = "%(message)s") -> None:
 
 
 @contextmanager
+def quiet(logger_name: str) -> Iterator[None]:
+    """Warnings of logger ``logger_name`` dropped while the block runs (errors still show)."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@contextmanager
 def kept_log(output: str, log_artifact: Callable[[str, str], None]) -> Iterator[None]:
     """While the body runs, what reaches this process's root logger is also written to a
     local file; at the end (a failure's traceback added) it is appended to the stage's

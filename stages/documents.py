@@ -40,48 +40,6 @@ def _lookup(record: Any, path: str) -> Any:
     return record
 
 
-@dataclass(frozen=True)
-class Fields:
-    """Where a record keeps its document's text and its component name."""
-
-    text: str = "text"
-    """Dotted path of the text."""
-    component: str | None = "meta.pile_set_name"
-    """Dotted path of the component name; None: every document is in ``default_component``."""
-    default_component: str | None = None
-    """The component of a record with none at ``component`` (None: such a record is
-    malformed)."""
-
-    def columns(self) -> list[str]:
-        """The top-level fields (Parquet columns) a record needs."""
-        paths = [self.text] + ([self.component] if self.component else [])
-        return list(dict.fromkeys(p.split(".")[0] for p in paths))
-
-    def required_columns(self) -> list[str]:
-        """The top-level columns a Parquet file must have."""
-        return self.columns() if self.default_component is None else [self.text.split(".")[0]]
-
-    def document(self, record: Any) -> Document | Malformed:
-        """``record`` (a parsed JSON line or a Parquet row) as a document, or why not."""
-        if not isinstance(record, dict):
-            return Malformed("not a JSON object")
-        text = _lookup(record, self.text)
-        if not isinstance(text, str):
-            missing = text is _MISSING or text is None
-            return Malformed(f"missing {self.text}" if missing else f"{self.text} is not a string")
-        name = _lookup(record, self.component) if self.component else _MISSING
-        if (name is _MISSING or name is None) and self.default_component is not None:
-            name = self.default_component
-        if not isinstance(name, str):
-            return Malformed(f"{self.component} missing or not a string")
-        try:
-            # JSON may escape lone surrogates, which no UTF-8 output (Parquet) can hold.
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            return Malformed(f"{self.text} holds a lone surrogate (not valid Unicode)")
-        return Document(text, name)
-
-
 def record_word(name: str) -> str:
     """What one record of file ``name`` is called in messages: a row or a line."""
     return "row" if name.endswith(PARQUET_SUFFIX) else "line"
@@ -107,5 +65,32 @@ class DocumentFields(BaseModel):
             raise ValueError("give component_field, component (a constant name), or both")
         return self
 
-    def fields(self) -> Fields:
-        return Fields(self.text_field, self.component_field, self.component)
+    def columns(self) -> list[str]:
+        """The top-level fields (Parquet columns) a record needs."""
+        paths = [self.text_field] + ([self.component_field] if self.component_field else [])
+        return list(dict.fromkeys(p.split(".")[0] for p in paths))
+
+    def required_columns(self) -> list[str]:
+        """The top-level columns a Parquet file must have."""
+        return self.columns() if self.component is None else [self.text_field.split(".")[0]]
+
+    def document(self, record: Any) -> Document | Malformed:
+        """``record`` (a parsed JSON line or a Parquet row) as a document, or why not."""
+        if not isinstance(record, dict):
+            return Malformed("not a JSON object")
+        text = _lookup(record, self.text_field)
+        if not isinstance(text, str):
+            missing = text is _MISSING or text is None
+            path = self.text_field
+            return Malformed(f"missing {path}" if missing else f"{path} is not a string")
+        name = _lookup(record, self.component_field) if self.component_field else _MISSING
+        if (name is _MISSING or name is None) and self.component is not None:
+            name = self.component
+        if not isinstance(name, str):
+            return Malformed(f"{self.component_field} missing or not a string")
+        try:
+            # JSON may escape lone surrogates, which no UTF-8 output (Parquet) can hold.
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return Malformed(f"{self.text_field} holds a lone surrogate (not valid Unicode)")
+        return Document(text, name)

@@ -19,7 +19,7 @@ from stages.dedup import minhash
 from stages.dedup.components import connected_components
 from stages.dedup.phases import PAIR_WINDOW, bucket_pairs
 from stages.dedup.reader import ReadError, iter_lines, iter_records, parse_line
-from stages.documents import Document, Fields, Malformed
+from stages.documents import Document, DocumentFields, Malformed
 from tests.dedup_corpus import edited, pile_line, random_text
 
 
@@ -101,7 +101,9 @@ def test_parquet_rows_stream_by_row_group_from_any_row(tmp_path):
     )
     path = tmp_path / "part.parquet"
     pq.write_table(table, path, row_group_size=5)
-    fields = Fields("content", "meta.source", default_component="unknown")
+    fields = DocumentFields(
+        text_field="content", component_field="meta.source", component="unknown"
+    )
     rows = list(iter_records(str(path), "part.parquet", fields=fields))
     assert [n for n, _ in rows] == list(range(1, 25))
     assert rows[0][1] == Document("doc 0", "unknown") and rows[1][1] == Document("doc 1", "web")
@@ -112,7 +114,7 @@ def test_parquet_rows_stream_by_row_group_from_any_row(tmp_path):
 
 
 def test_fields_find_nested_paths_a_constant_or_say_what_is_missing():
-    slimpajama = Fields(component="meta.redpajama_set_name")
+    slimpajama = DocumentFields(component_field="meta.redpajama_set_name")
     line = b'{"text": "t", "meta": {"redpajama_set_name": "RedPajamaGithub"}}'
     assert parse_line(line, slimpajama) == Document("t", "RedPajamaGithub")
     assert parse_line(b'{"text": "t", "meta": {}}', slimpajama) == Malformed(
@@ -121,12 +123,12 @@ def test_fields_find_nested_paths_a_constant_or_say_what_is_missing():
     assert parse_line(b'{"text": "t", "meta": 3}', slimpajama) == Malformed(
         "meta.redpajama_set_name missing or not a string"
     )
-    fallback = Fields(component="meta.source", default_component="web")
+    fallback = DocumentFields(component_field="meta.source", component="web")
     assert parse_line(b'{"text": "t"}', fallback) == Document("t", "web")
     assert parse_line(b'{"text": "t", "meta": {"source": "wiki"}}', fallback) == Document(
         "t", "wiki"
     )
-    constant = Fields("doc.body", None, "mine")
+    constant = DocumentFields(text_field="doc.body", component_field=None, component="mine")
     assert parse_line(b'{"doc": {"body": "b"}, "meta": {"x": 1}}', constant) == Document(
         "b", "mine"
     )

@@ -24,7 +24,7 @@ from pipeline import storage
 from pipeline.ledger import Ledger
 from pipeline.stage import REGISTRY, StageContext, Upstream
 from stages.demo_corpus import DemoCorpusConfig, build_demo_corpus
-from stages.documents import Fields
+from stages.documents import DocumentFields
 from stages.download import (
     DocumentCheck,
     DownloadConfig,
@@ -381,16 +381,16 @@ def test_document_check_accepts_several_zstd_frames_fed_in_odd_pieces() -> None:
     compress = zstandard.ZstdCompressor().compress
     line = json.dumps({"text": "a" * 5000, "meta": {"pile_set_name": "Github"}}).encode()
     data = compress(line[:3000]) + compress(line[3000:] + b"\n") + compress(b"more\n")
-    fed(DocumentCheck("x.jsonl.zst", Fields()), data).finish()
+    fed(DocumentCheck("x.jsonl.zst", DocumentFields()), data).finish()
 
 
 def test_document_check_reads_gzip_members_and_the_configured_fields() -> None:
     line = json.dumps({"text": "t", "meta": {"redpajama_set_name": "RedPajamaC4"}}) + "\n"
     data = gzip.compress(line.encode()) + gzip.compress(b"more\n")
-    slimpajama = Fields(component="meta.redpajama_set_name")
+    slimpajama = DocumentFields(component_field="meta.redpajama_set_name")
     fed(DocumentCheck("x.jsonl.gz", slimpajama), data).finish()
     with pytest.raises(DownloadError, match=r"x.jsonl.gz: first line lacks .*meta.pile_set_name"):
-        fed(DocumentCheck("x.jsonl.gz", Fields()), data).finish()
+        fed(DocumentCheck("x.jsonl.gz", DocumentFields()), data).finish()
     with pytest.raises(DownloadError, match=r"x.json.gz: truncated gzip stream"):
         fed(DocumentCheck("x.json.gz", slimpajama), data[:-9]).finish()
 
@@ -400,8 +400,9 @@ def test_document_check_finds_the_columns_in_a_parquet_footer() -> None:
     table = pa.table({"content": ["a"] * 300, "meta": [{"source": "web"}] * 300})
     pq.write_table(table, buffer, row_group_size=50)
     data = buffer.getvalue()
-    fed(DocumentCheck("x.parquet", Fields("content", "meta.source")), data, 100).finish()
+    web = DocumentFields(text_field="content", component_field="meta.source")
+    fed(DocumentCheck("x.parquet", web), data, 100).finish()
     with pytest.raises(DownloadError, match=r"x.parquet: no column 'text' \(columns: content"):
-        fed(DocumentCheck("x.parquet", Fields()), data, 100).finish()
+        fed(DocumentCheck("x.parquet", DocumentFields()), data, 100).finish()
     with pytest.raises(DownloadError, match=r"x.parquet: not Parquet \(no PAR1 magic"):
-        fed(DocumentCheck("x.parquet", Fields()), data[:-1]).finish()
+        fed(DocumentCheck("x.parquet", DocumentFields()), data[:-1]).finish()

@@ -14,8 +14,8 @@ cheaply. Parquet rows are numbered from 1, as lines are, so a document's id is
 A zstd frame can only be decoded from its start, so one reader streams each file; the
 stage cuts that stream into record-range units that every later phase processes in
 parallel. Each record becomes a document or a ``Malformed`` reason (bad JSON, invalid
-UTF-8, and what ``documents.Fields`` finds wrong: a missing or mistyped field) so callers can
-count and skip it.
+UTF-8, and what ``documents.DocumentFields`` finds wrong: a missing or mistyped field) so
+callers can count and skip it.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from stages.compression import CorruptStream, Decompressor
-from stages.documents import PARQUET_SUFFIX, Document, Fields, Malformed
+from stages.documents import PARQUET_SUFFIX, Document, DocumentFields, Malformed
 
-PILE_FIELDS = Fields()
+PILE_FIELDS = DocumentFields()
 """The Pile's record shape: ``{"text": str, "meta": {"pile_set_name": str}}``."""
 
 # Compressed bytes read from storage at a time.
@@ -85,7 +85,7 @@ def iter_lines(uri: str, name: str, start_line: int = 1) -> Iterator[tuple[int, 
         yield line_no, b"".join(pending)
 
 
-def parse_line(line: bytes, fields: Fields = PILE_FIELDS) -> Document | Malformed:
+def parse_line(line: bytes, fields: DocumentFields = PILE_FIELDS) -> Document | Malformed:
     """One JSON line as a document, or why it is malformed."""
     try:
         raw = line.decode("utf-8")
@@ -99,7 +99,7 @@ def parse_line(line: bytes, fields: Fields = PILE_FIELDS) -> Document | Malforme
 
 
 def _parquet_records(
-    uri: str, name: str, start: int, fields: Fields
+    uri: str, name: str, start: int, fields: DocumentFields
 ) -> Iterator[tuple[int, Document | Malformed]]:
     with storage.open_file(uri, "rb") as f:
         parquet = pq.ParquetFile(f)
@@ -125,7 +125,7 @@ def _parquet_records(
 
 
 def iter_records(
-    uri: str, name: str, start: int = 1, fields: Fields = PILE_FIELDS
+    uri: str, name: str, start: int = 1, fields: DocumentFields = PILE_FIELDS
 ) -> Iterator[tuple[int, Document | Malformed]]:
     """``(1-based line or row number, document or why it is malformed)`` for every record
     of file ``name`` from ``start`` on."""

@@ -130,7 +130,7 @@ class FileParser:
         units = list(self.committed())
         start = units[-1]["end_line"] if units else 1
         pending = _Pending(start)
-        records = iter_records(self.uri, self.file, start, self.config.documents.fields())
+        records = iter_records(self.uri, self.file, start, self.config.documents)
         for line_no, parsed in records:
             self._take(pending, line_no, parsed)
             if (

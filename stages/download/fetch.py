@@ -51,7 +51,7 @@ def _attempt(
     """Fetch ``item`` once into its unit; the unit commits only if every check passes."""
     check = None
     if config.verify and DocumentCheck.applies_to(item.name):
-        check = DocumentCheck(item.name, config.documents.fields())
+        check = DocumentCheck(item.name, config.documents)
     with ledger.unit(item.name) as unit:
         with unit.open(item.name) as out:
             _stream_into(out, chunks(item.url, config, session), check)

@@ -14,7 +14,7 @@ from stages.documents import (
     INPUT_SUFFIXES,
     JSON_LINES_SUFFIXES,
     PARQUET_SUFFIX,
-    Fields,
+    DocumentFields,
     Malformed,
 )
 from stages.download.config import DownloadError
@@ -33,7 +33,7 @@ class DocumentCheck:
     The first problem is kept rather than raised, so that the download still finishes and a
     checksum mismatch (a bad transfer, worth fetching again) can take precedence over it."""
 
-    def __init__(self, name: str, fields: Fields):
+    def __init__(self, name: str, fields: DocumentFields):
         self.name = name
         self.fields = fields
         self.problem: str | None = None

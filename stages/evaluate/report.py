@@ -19,6 +19,8 @@ from pipeline.stage import StageContext
 from stages.evaluate.config import FINAL, INITIAL
 from stages.evaluate.published import GPT3_CURIE, GPTJ_6B, published
 
+TABLE_FILE = "table.txt"
+"""The scores beside the published ones, as text (``meshline run`` prints it at its end)."""
 RESULTS_UNIT = "results"
 HIGHER_IS_BETTER = {
     "acc": True,
@@ -155,7 +157,7 @@ def write_results(
         )
         for model, recs in records.items()
     }
-    files["table.txt"] = table(measured[FINAL], measured.get(INITIAL))
+    files[TABLE_FILE] = table(measured[FINAL], measured.get(INITIAL))
     files["table.md"] = markdown_table(measured[FINAL], measured.get(INITIAL))
     with ctx.ledger.unit(RESULTS_UNIT) as unit:
         for name, text in files.items():

@@ -40,7 +40,7 @@ from stages.evaluate.config import (
     TaskName,
     TaskSpec,
 )
-from stages.evaluate.report import improvements, scores, write_results
+from stages.evaluate.report import TABLE_FILE, improvements, scores, write_results
 from stages.tokenize import load_tokenizer
 from stages.train.config import TrainConfig
 
@@ -128,9 +128,8 @@ def run(ctx: StageContext) -> None:
         ctx.record(**{f"{INITIAL}.{k}": v for k, v in measured[INITIAL].items()})
     if config.samples is not None:
         generation.write_samples(ctx, config.samples, lambda: scorers[FINAL].weights, tokenizer)
-    log.info(
-        "evaluate: checkpoint step %d; table in %s", step, storage.join(ctx.output, "table.txt")
-    )
+    table = storage.join(ctx.output, TABLE_FILE)
+    log.info("evaluate: checkpoint step %d; table in %s", step, table)
     failures = [failure for scorer in scorers.values() for failure in scorer.failures]
     _finish(ctx, failures, measured, time.perf_counter() - started)
 
