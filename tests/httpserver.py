@@ -44,6 +44,8 @@ class Request:
     query: str
     range: str | None
     status: int
+    authorization: str | None
+    """The ``Authorization`` header it came with."""
 
 
 class FileServer:
@@ -82,7 +84,15 @@ class FileServer:
 
             def _record(self, path: str, query: str, status: int) -> None:
                 with server._lock:
-                    server.requests.append(Request(path, query, self.headers.get("Range"), status))
+                    server.requests.append(
+                        Request(
+                            path,
+                            query,
+                            self.headers.get("Range"),
+                            status,
+                            self.headers.get("Authorization"),
+                        )
+                    )
 
             def do_GET(self) -> None:
                 parts = urlsplit(self.path)

@@ -10,9 +10,8 @@ documents span several rolling windows."""
 from __future__ import annotations
 
 import json
-import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +40,6 @@ from stages.train.model import init_params
 from stages.train.model_config import ModelConfig, gptj
 from stages.train.output import write_checkpoint
 from tests.tokenize_data import stdlib_texts
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-# lm-eval's bootstrap forks a process pool; a fork of a process running JAX can hang.
-os.environ.setdefault("DISABLE_MULTIPROC", "1")
 
 LL_TOLERANCE = 1e-4
 RELATIVE_TOLERANCE = 1e-4
@@ -180,6 +174,18 @@ def random_params(config: ModelConfig) -> dict:
         ).astype(np.float32),
         shapes,
     )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def offline_lm_eval() -> Iterator[None]:
+    """lm-eval and datasets kept off the network while this module runs, and only then:
+    Ray workers started later must still reach a hub (the ``hf://`` download tests)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        patch.setenv("HF_DATASETS_OFFLINE", "1")
+        # lm-eval's bootstrap forks a process pool; a fork of a process running JAX can hang.
+        patch.setenv("DISABLE_MULTIPROC", "1")
+        yield
 
 
 @pytest.fixture(scope="module")

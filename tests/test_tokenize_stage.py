@@ -18,6 +18,8 @@ from pipeline.ledger import Ledger
 from pipeline.stage import StageContext, Upstream
 from stages.tokenize import ShardDataset, TokenizeConfig, load_tokenizer, read_manifest, run
 from stages.tokenize.bpe import load_gpt2
+from stages.tokenize.config import PILE_EPOCHS
+from stages.tokenize.manifest import missing_components
 from stages.tokenize.stage import TokenizeError
 from tests.tokenize_data import ADVERSARIAL, gpt2_ranks_path, stdlib_texts, write_part
 
@@ -215,7 +217,8 @@ def test_mixture_packs_each_component_into_its_own_shards(ray_cluster, dedup, tm
     mixture = manifest["mixture"]
     assert mixture["DM Mathematics"]["epochs"] == 2.0 and mixture["Github"]["epochs"] == 1.0
     assert sum(c["weight"] for c in mixture.values()) == pytest.approx(1.0)
-    assert mixture["Books3"]["weight"] == 0.0
+    assert mixture["Books3"]["weight"] == 0.0 and mixture["Books3"]["missing"]
+    assert missing_components(manifest) == sorted(set(PILE_EPOCHS) - set(COMPONENTS))
     train = manifest["splits"]["train"]
     for name in COMPONENTS:
         expected = []

@@ -15,13 +15,14 @@ class DownloadConfig(StageConfig):
     """Which files to fetch, from where, how they are verified, and how hard to try."""
 
     sources: list[str] = []
-    """Files to fetch: URLs (``https://``, ``http://``, ``gs://``, ``file://``) or local
-    paths; ``gs://`` and local entries may be globs (``*``, ``?``, ``[``). A relative entry
-    without a scheme is joined to ``base_url`` when one is given. Empty when the pipeline
-    has a ``demo_corpus`` stage, whose mirror is downloaded instead."""
+    """Files to fetch: URLs (``https://``, ``http://``, ``gs://``, ``file://``,
+    ``hf://datasets/OWNER/NAME[@REVISION]/PATH``) or local paths; ``gs://``, ``hf://`` and
+    local entries may be globs (``*``, ``?``, ``[``). A relative entry without a scheme is
+    joined to ``base_url`` when one is given. Empty when the pipeline has a ``demo_corpus``
+    stage, whose mirror is downloaded instead."""
     base_url: str | None = None
     """Mirror root that relative sources and a relative ``checksums`` URL are joined to; output
-    names are paths relative to it."""
+    names are paths relative to it (for ``hf://``, a file's path in the repo otherwise)."""
     checksums: str | dict[str, str] | None = None
     """Expected sha256 of every file: a ``SHA256SUMS``-style file (URL or path; relative is
     joined to ``base_url``) or an inline mapping name -> sha256. Names are paths relative to
@@ -44,6 +45,10 @@ class DownloadConfig(StageConfig):
     """Fail a ``.zst``/``.gz`` file that does not decompress whole, a JSON-lines file
     (``.jsonl``, ``.jsonl.zst``, ``.jsonl.gz``, ``.json.gz``) whose first line lacks the
     ``documents`` fields, and a ``.parquet`` file without their columns."""
+    hf_endpoint: str | None = None
+    """The Hugging Face hub ``hf://`` sources are read from (a mirror of it, or a hub of your
+    own); default ``HF_ENDPOINT`` where the stage runs, else https://huggingface.co. The
+    token is ``HF_TOKEN`` (or ``hf auth login``'s) where the stage runs, never a setting."""
     documents: DocumentFields = DocumentFields()
     """Where each record keeps its text and component, as ``verify`` checks (the Pile's
     ``{"text": str, "meta": {"pile_set_name": str}}`` by default)."""
@@ -56,6 +61,8 @@ class DownloadConfig(StageConfig):
             "timeout_seconds",
             "chunk_mb",
             "shared_filesystem",
+            # Where the hub is, not what it holds: files are pinned by commit and sha256.
+            "hf_endpoint",
         }
     )
 

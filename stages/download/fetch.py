@@ -1,5 +1,5 @@
 """Fetching files into the stage output: one Ray task per file, each file one ledger unit
-committed only once its size, sha256 and Pile format are checked."""
+committed only once its size, sha256 and document format are checked."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pipeline.ledger import Ledger
 from pipeline.secrets import redact_url, scrub
 from pipeline.tasks import Placement, run_tasks
 from stages.download.config import DownloadConfig, DownloadError
+from stages.download.hub import token_session
 from stages.download.sources import FileItem
 from stages.download.transfer import RangeIgnored, chunks
 from stages.download.verify import DocumentCheck
@@ -26,7 +27,8 @@ TASK_CPUS = 0.25
 
 
 class _ChecksumMismatch(DownloadError):
-    """The bytes arrived whole but hash to something other than the published digest."""
+    """The bytes arrived whole but hash to something other than the published digest, or
+    their count is not the published size."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,11 @@ def _attempt(
         with unit.open(item.name) as out:
             _stream_into(out, chunks(item.url, config, session), check)
         sha256 = out.sha256.hexdigest()
+        if item.size is not None and out.size != item.size:
+            raise _ChecksumMismatch(
+                f"{item.name}: size mismatch, expected {item.size} bytes, got {out.size} "
+                f"from {redact_url(item.url)}"
+            )
         if item.sha256 is not None and sha256 != item.sha256:
             raise _ChecksumMismatch(
                 f"{item.name}: sha256 mismatch, expected {item.sha256}, got {sha256} "
@@ -67,11 +74,14 @@ def _attempt(
     return Fetched(item.name, out.size, sha256)
 
 
-def download_file(output: str, item: FileItem, config: DownloadConfig) -> Fetched:
-    """Fetch one file into its ledger unit under ``output``. A checksum mismatch is retried
-    once from scratch, as is a resume the server answers with the whole file."""
+def download_file(
+    output: str, item: FileItem, config: DownloadConfig, hub_token: str | None
+) -> Fetched:
+    """Fetch one file into its ledger unit under ``output``, showing ``hub_token`` (given
+    for a hub file) to its server. A checksum mismatch is retried once from scratch, as is a resume
+    the server answers with the whole file."""
     ledger = Ledger(output)
-    session = requests.Session()
+    session = token_session(hub_token)
     mismatches = restarts = 0
     while True:
         try:
@@ -100,7 +110,7 @@ def _failure_message(item: FileItem, error: RayError) -> str:
 
 
 def fetch_all(
-    output: str, items: list[FileItem], config: DownloadConfig
+    output: str, items: list[FileItem], config: DownloadConfig, hub_token: str | None
 ) -> tuple[list[Fetched], dict[str, str]]:
     """One Ray task per item, at most ``concurrency`` at a time, pinned to this node when the
     output is on its local disk; a failure does not stop the others. Returns what was fetched
@@ -109,7 +119,7 @@ def fetch_all(
     failed: dict[str, str] = {}
     outcomes = run_tasks(
         download_file,
-        [(output, item, config) for item in items],
+        [(output, item, config, hub_token if item.hub else None) for item in items],
         concurrency=config.concurrency,
         desc="download",
         unit="file",

@@ -1,19 +1,24 @@
 """Which files a download config stands for: sources resolved against ``base_url``, globs
-expanded, output names chosen, expected sha256 digests looked up in ``SHA256SUMS`` or an inline
-mapping."""
+expanded (``hf://`` ones listed on the hub), output names chosen, expected sha256 digests
+looked up in ``SHA256SUMS``, an inline mapping or the hub's LFS listing."""
 
 from __future__ import annotations
 
 import os
 import posixpath
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from pipeline import storage
 from pipeline.secrets import redact_url
 from stages.download.config import DownloadConfig, DownloadError
-from stages.download.manifest import MANIFEST_FILE
+from stages.download.hub import COMMITS_UNIT, Hub, is_hub, name_in
+from stages.download.manifest import MANIFEST_FILE, MANIFEST_UNIT
 from stages.download.transfer import chunks, is_http
+
+RESERVED_NAMES = frozenset({MANIFEST_FILE, MANIFEST_UNIT, COMMITS_UNIT})
+"""Names of the stage's own units and files, which no downloaded file may take."""
 
 
 @dataclass(frozen=True)
@@ -24,9 +29,14 @@ class FileItem:
     url: str
     sha256: str | None
     source: str
-    """Where the manifest says the file came from: the URL (credentials redacted), or the
-    local path as the user wrote it, or ``{stage}:{name}`` for an upstream stage's mirror;
-    never a path under the pipeline root, so the stage digest does not depend on the root."""
+    """Where the manifest says the file came from: the URL (credentials redacted), the
+    ``hf://`` URL at its commit, the local path as the user wrote it, or ``{stage}:{name}``
+    for an upstream stage's mirror; never a path under the pipeline root, so the stage
+    digest does not depend on the root."""
+    size: int | None = None
+    """The size its source lists (the hub does), checked once the bytes are in."""
+    hub: bool = False
+    """Fetched from the Hugging Face hub, with the hub token."""
 
 
 def _is_glob(source: str) -> bool:
@@ -37,13 +47,15 @@ def _is_glob(source: str) -> bool:
 def _normalise(location: str) -> str:
     """A URL as given, or a local path / ``file://`` URI as an absolute path (Ray workers
     may run in another working directory)."""
-    if is_http(location) or storage.is_gcs(location):
+    if is_http(location) or storage.is_gcs(location) or is_hub(location):
         return location
     return storage.absolute(location)
 
 
 def join_url(base: str, relative: str) -> str:
     """``relative`` under ``base``, keeping a query string of an HTTP base (a token)."""
+    if is_hub(base):
+        return base.rstrip("/") + "/" + relative.lstrip("/")
     if not is_http(base):
         return storage.join(_normalise(base), relative)
     parts = urlsplit(base)
@@ -136,37 +148,64 @@ def _is_absolute(location: str) -> bool:
     return "://" in location or os.path.isabs(location)
 
 
+def _needed(hub: Hub | None, location: str) -> Hub:
+    if hub is None:
+        raise DownloadError(f"{location}: hf:// sources are not read here")
+    return hub
+
+
+def _locate(source: str, base_url: str | None, hub: Hub | None) -> Iterator[FileItem]:
+    """The files one source stands for, without the digests a checksums file gives."""
+    location = source if _is_absolute(source) or base_url is None else join_url(base_url, source)
+    if not is_hub(location):
+        for name, url in resolve_sources([source], base_url):
+            yield FileItem(name, url, None, _as_written(url, source, base_url))
+        return
+    for f in _needed(hub, location).files(location):
+        name = name_in(location, f.path, base_url)
+        yield FileItem(name, f.url, f.sha256, f.source, size=f.size, hub=True)
+
+
+def _with_listed_digest(item: FileItem, sums: dict[str, str]) -> FileItem:
+    """``item`` with the digest ``sums`` lists for it, which must agree with its source's."""
+    listed = _expected_sha256(item.name, sums)
+    if listed is None:
+        raise DownloadError(f"no checksum listed for {item.name}")
+    if item.sha256 is not None and item.sha256 != listed:
+        raise DownloadError(
+            f"{item.name}: checksums list sha256 {listed}, its source lists {item.sha256}"
+        )
+    return replace(item, sha256=listed)
+
+
 def plan_files(
     sources: list[str],
     base_url: str | None,
     sums: dict[str, str] | None,
+    hub: Hub | None = None,
 ) -> list[FileItem]:
     """The files to fetch with their expected digests; names must be unique, relative paths
     and (when checksums are given) listed in them."""
-    resolved = [
-        (name, url, _as_written(url, source, base_url))
-        for source in sources
-        for name, url in resolve_sources([source], base_url)
-    ]
     items = []
     seen: set[str] = set()
-    for name, url, written in resolved:
-        if name in seen or name == MANIFEST_FILE:
-            raise DownloadError(f"two sources, or a source and the manifest, share name {name}")
+    for item in (item for source in sources for item in _locate(source, base_url, hub)):
+        name = item.name
+        if name in seen or name in RESERVED_NAMES:
+            raise DownloadError(f"two sources, or a source and the stage, share name {name}")
         if os.path.isabs(name) or ".." in name.split("/") or not name:
-            raise DownloadError(f"cannot place {redact_url(url)} under the output (name {name!r})")
+            raise DownloadError(
+                f"cannot place {redact_url(item.url)} under the output (name {name!r})"
+            )
         seen.add(name)
-        expected = None
-        if sums is not None:
-            expected = _expected_sha256(name, sums)
-            if expected is None:
-                raise DownloadError(f"no checksum listed for {name}")
-        items.append(FileItem(name, url, expected, written))
+        items.append(item if sums is None else _with_listed_digest(item, sums))
     return items
 
 
 def load_checksums(
-    checksums: str | dict[str, str] | None, base_url: str | None, config: DownloadConfig
+    checksums: str | dict[str, str] | None,
+    base_url: str | None,
+    config: DownloadConfig,
+    hub: Hub | None = None,
 ) -> dict[str, str] | None:
     if checksums is None:
         return None
@@ -176,4 +215,10 @@ def load_checksums(
         location = checksums
     else:
         location = join_url(base_url, checksums)
-    return parse_checksums(b"".join(chunks(_normalise(location), config)).decode("utf-8"))
+    if is_hub(location):
+        hub = _needed(hub, location)
+        (listed,) = hub.files(location)
+        body = chunks(listed.url, config, hub.session())
+    else:
+        body = chunks(_normalise(location), config)
+    return parse_checksums(b"".join(body).decode("utf-8"))

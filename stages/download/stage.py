@@ -17,18 +17,22 @@ from pipeline.stage import Source, StageContext, register
 from stages.demo_corpus.build import CHECKSUMS
 from stages.download.config import MIRROR_STAGE, DownloadConfig, DownloadError
 from stages.download.fetch import fetch_all
+from stages.download.hub import Hub
 from stages.download.manifest import MANIFEST_UNIT, read_manifest, write_manifest
 from stages.download.sources import FileItem, load_checksums, parse_checksums, plan_files
 
 log = logging.getLogger("meshline.download")
 
 
-def plan(ctx: StageContext) -> list[FileItem]:
-    """Every file the stage must hold, with its expected sha256 where one is published."""
+def plan(ctx: StageContext, hub: Hub) -> list[FileItem]:
+    """Every file the stage must hold, with its expected sha256 where one is published;
+    the commits ``hf://`` sources resolve to are pinned in the ledger."""
     config: DownloadConfig = ctx.config
     if MIRROR_STAGE not in ctx.inputs:
-        sums = load_checksums(config.checksums, config.base_url, config)
-        return plan_files(config.sources, config.base_url, sums)
+        sums = load_checksums(config.checksums, config.base_url, config, hub)
+        items = plan_files(config.sources, config.base_url, sums, hub)
+        hub.pin(ctx.ledger)
+        return items
     mirror = ctx.inputs[MIRROR_STAGE].uri
     sums = parse_checksums(storage.read_text(storage.join(mirror, CHECKSUMS)))
     items = plan_files(sorted(sums), mirror, sums)
@@ -57,12 +61,13 @@ def run(ctx: StageContext) -> None:
         ctx.log_sources([Source(f["name"], f["source"], f["sha256"]) for f in listed])
         ctx.record(files=0, bytes=0, skipped=len(listed), seconds=time.monotonic() - started)
         return
-    items = plan(ctx)
+    hub = Hub.open(config, ctx.ledger)
+    items = plan(ctx, hub)
     todo = [item for item in items if not ctx.ledger.is_committed(item.name)]
     skipped = len(items) - len(todo)
     if skipped:
         log.info("download: %d of %d files already committed, skipping them", skipped, len(items))
-    fetched, failed = fetch_all(ctx.output, todo, config)
+    fetched, failed = fetch_all(ctx.output, todo, config, hub.token)
     if failed:
         _raise_failures(failed, len(items))
     digests = {f["name"]: f["sha256"] for f in write_manifest(ctx.ledger, [i.name for i in items])}

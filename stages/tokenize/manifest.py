@@ -69,13 +69,24 @@ def _split_entry(parts: list[Part], records: list[dict], config: TokenizeConfig)
 
 
 def _mixture(train: dict | None, epochs: dict[str, float] | None) -> dict | None:
-    """Per component: its epochs and its share of an epoch-weighted pass over train."""
+    """Per component: its epochs, its share of an epoch-weighted pass over train, and
+    whether train has none of it (``missing``: its share goes to the others, in proportion
+    to theirs, as the weights of the components present renormalise to 1)."""
     if epochs is None:
         return None
     components = train["components"] if train else {}
-    effective = {n: components.get(n, {"tokens": 0})["tokens"] * e for n, e in epochs.items()}
+    tokens = {n: components.get(n, {"tokens": 0})["tokens"] for n in epochs}
+    effective = {n: tokens[n] * e for n, e in epochs.items()}
     total = sum(effective.values()) or 1.0
-    return {n: {"epochs": epochs[n], "weight": effective[n] / total} for n in sorted(epochs)}
+    return {
+        n: {"epochs": epochs[n], "weight": effective[n] / total, "missing": tokens[n] == 0}
+        for n in sorted(epochs)
+    }
+
+
+def missing_components(manifest: dict) -> list[str]:
+    """The mixture's components that train has no tokens of, in name order."""
+    return [n for n, entry in (manifest.get("mixture") or {}).items() if entry["missing"]]
 
 
 def write_manifest(

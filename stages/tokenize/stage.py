@@ -35,7 +35,12 @@ from pipeline.stage import StageContext, register
 from stages.tokenize.bpe import load_gpt2, train_bpe
 from stages.tokenize.config import Gpt2TokenizerConfig, TokenizeConfig
 from stages.tokenize.encoding import encoded_batches
-from stages.tokenize.manifest import MANIFEST_UNIT, TOKENIZER_DIR, write_manifest
+from stages.tokenize.manifest import (
+    MANIFEST_UNIT,
+    TOKENIZER_DIR,
+    missing_components,
+    write_manifest,
+)
 from stages.tokenize.parts import (
     Encoded,
     Part,
@@ -172,6 +177,16 @@ def run(ctx: StageContext) -> None:
         metrics[f"{name}.tokens"] = split["tokens"]
         for component, counts in split["components"].items():
             metrics[f"{name}.tokens.{component}"] = counts["tokens"]
+    missing = missing_components(manifest)
+    if missing:
+        metrics["mixture.components_missing"] = len(missing)
+        log.warning(
+            "tokenize: the mixture's train data lacks %d of %d components (%s); their share "
+            "of each batch goes to the other components, in proportion to their weights",
+            len(missing),
+            len(manifest["mixture"]),
+            ", ".join(missing),
+        )
     ctx.record(**metrics)
     log.info(
         "tokenize: %s; %d documents, %d tokens encoded in %.1f s (%.0f tokens/s, %d workers)",
