@@ -67,11 +67,20 @@ class HubServer:
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
 
-    def push(self, repo_id: str, files: dict[str, bytes], token: str | None = None) -> str:
-        """Commit ``files`` (the whole tree) to ``repo_id``'s main; returns the commit."""
+    def push(
+        self,
+        repo_id: str,
+        files: dict[str, bytes],
+        token: str | None = None,
+        commit: str | None = None,
+    ) -> str:
+        """Commit ``files`` (the whole tree) to ``repo_id``'s main, as ``commit`` (a real
+        repo's, to serve a config pinned to it) or a hash of the tree; returns the commit."""
         repo = self.repos.setdefault(repo_id, HubRepo(token=token))
         tree = json.dumps({p: hashlib.sha256(d).hexdigest() for p, d in sorted(files.items())})
-        commit = hashlib.sha1(f"{repo_id}:{len(repo.commits)}:{tree}".encode()).hexdigest()
+        commit = (
+            commit or hashlib.sha1(f"{repo_id}:{len(repo.commits)}:{tree}".encode()).hexdigest()
+        )
         repo.commits.append((commit, dict(files)))
         for path, data in files.items():
             if repo.in_lfs(path):

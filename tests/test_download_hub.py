@@ -51,8 +51,10 @@ def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
         yield server
 
 
-def run_download(tmp_path: Path, hub: HubServer, **settings: Any) -> StageContext:
-    output = str(tmp_path / "out")
+def run_download(
+    tmp_path: Path, hub: HubServer, output_dir: str = "out", **settings: Any
+) -> StageContext:
+    output = str(tmp_path / output_dir)
     config = DownloadConfig(hf_endpoint=hub.url, **FAST, **settings)
     ctx = StageContext(
         name="download", config=config, output=output, inputs={}, ledger=Ledger(output)
@@ -104,6 +106,12 @@ def test_a_dataset_repo_downloads_at_one_commit_kept_for_reruns(
     assert Ledger(str(tmp_path / "out")).record(COMMITS_UNIT)["metadata"]["commits"] == {
         f"{PILE}@main": commit
     }
+
+    # A new download held to the first one's manifest refuses main's new bytes up front.
+    pinned = str(tmp_path / "out" / "manifest.json")
+    with pytest.raises(DownloadError, match="train/00.jsonl.zst: checksums list sha256"):
+        run_download(tmp_path, hub, "again", base_url=f"{PILE}/", sources=sources, checksums=pinned)
+    assert len(hub.cdn.requests) == before + 1
 
 
 @pytest.mark.usefixtures("ray_cluster")

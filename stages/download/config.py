@@ -24,8 +24,9 @@ class DownloadConfig(StageConfig):
     """Mirror root that relative sources and a relative ``checksums`` URL are joined to; output
     names are paths relative to it (for ``hf://``, a file's path in the repo otherwise)."""
     checksums: str | dict[str, str] | None = None
-    """Expected sha256 of every file: a ``SHA256SUMS``-style file (URL or path; relative is
-    joined to ``base_url``) or an inline mapping name -> sha256. Names are paths relative to
+    """Expected sha256 of every file: a ``SHA256SUMS``-style file or an earlier download's
+    ``manifest.json`` (URL or path; relative is joined to ``base_url``), or an inline mapping
+    name -> sha256. Names are paths relative to
     ``base_url``, or basenames. When given, every source must be listed."""
     concurrency: int = Field(default=4, ge=1)
     """Files fetched at the same time (one Ray task each)."""

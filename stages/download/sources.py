@@ -4,6 +4,7 @@ looked up in ``SHA256SUMS``, an inline mapping or the hub's LFS listing."""
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 from collections.abc import Iterator
@@ -114,7 +115,10 @@ def resolve_sources(sources: list[str], base_url: str | None) -> list[tuple[str,
 
 
 def parse_checksums(text: str) -> dict[str, str]:
-    """A ``SHA256SUMS`` file (``<hex>  <name>`` or ``<hex> *<name>`` lines) as name -> hex."""
+    """A ``SHA256SUMS`` file (``<hex>  <name>`` or ``<hex> *<name>`` lines), or an earlier
+    download's ``manifest.json``, as name -> hex."""
+    if text.lstrip().startswith("{"):
+        return {f["name"]: f["sha256"] for f in json.loads(text)["files"]}
     sums = {}
     for line in text.splitlines():
         if not line.strip():
