@@ -26,16 +26,26 @@ from pipeline import lineage
 from pipeline.logs import LOG_FILE
 from stages.demo_corpus import CHECKSUMS, DemoCorpusConfig, build_demo_corpus
 from tests.autoscaling import free_port, own_ports
+from tests.dedup_corpus import encoded, pile_record
 from tests.httpserver import FileServer
+from tests.hubserver import HubServer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "configs", "demo.yaml")
 MESHLINE = shutil.which("meshline") or "meshline"
 
 
-def meshline(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def meshline(
+    *args: str, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """``meshline ARGS`` in the repo, with ``env`` added to this process's environment."""
     return subprocess.run(
-        [MESHLINE, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+        [MESHLINE, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -179,6 +189,31 @@ def test_a_failed_stage_is_one_line_and_its_log_keeps_the_traceback(tmp_path):
     kept = Path(said.group(2)).read_text()
     assert "Traceback (most recent call last)" in kept and "x.jsonl" in kept
     assert "download   FAILED" in failed.stdout
+
+
+def test_a_private_hub_repo_downloads_with_a_token_that_never_shows(tmp_path):
+    token = "hf_cliSECRETtoken42"
+    data = encoded([pile_record(f"private document {i}") for i in range(9)], ".jsonl.zst")
+    config = tmp_path / "private.yaml"
+    root = str(tmp_path / "out")
+    with HubServer(tmp_path / "hub").running() as hub:
+        hub.push("org/private", {"train/00.jsonl.zst": data, "README.md": b"x"}, token=token)
+        config.write_text(
+            f"name: private\nroot: {root}\nstages:\n  download:\n"
+            f"    hf_endpoint: {hub.url}\n"
+            "    sources: [hf://datasets/org/private/train/*.jsonl.zst]\n"
+        )
+        run = meshline("run", str(config), env={"HF_TOKEN": token, "HF_HOME": str(tmp_path)})
+    assert run.returncode == 0, run.stdout + run.stderr
+    report = status(str(config), root)["download"]
+    assert Path(report["output"], "train/00.jsonl.zst").read_bytes() == data
+    assert {auth for path, auth in hub.requests} == {f"Bearer {token}"}
+    produced = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db").get_run(report["mlflow_run_id"])
+    shown = [run.stdout, run.stderr, Path(report["output"], LOG_FILE).read_text()]
+    shown += [json.dumps(produced.data.params), json.dumps(produced.data.tags)]
+    shown += [d.dataset.source for d in produced.inputs.dataset_inputs]
+    assert "hf://datasets/org/private@" in shown[-1]
+    assert not any(token in text for text in shown)
 
 
 @pytest.fixture

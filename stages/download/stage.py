@@ -71,7 +71,9 @@ def run(ctx: StageContext) -> None:
     if failed:
         _raise_failures(failed, len(items))
     digests = {f["name"]: f["sha256"] for f in write_manifest(ctx.ledger, [i.name for i in items])}
-    ctx.log_sources([Source(i.name, redact_url(i.url), digests[i.name]) for i in items])
+    # A hub file is named as the manifest names it, at its commit, not by its resolve URL.
+    located = {i.name: i.source if i.hub else redact_url(i.url) for i in items}
+    ctx.log_sources([Source(name, uri, digests[name]) for name, uri in located.items()])
     size = sum(f.size for f in fetched)
     seconds = time.monotonic() - started
     log.info(
