@@ -9,17 +9,16 @@ import random
 import shutil
 from pathlib import Path
 
-import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import zstandard
 
 from pipeline import executor, storage
 from pipeline.config import validate
 from pipeline.ledger import Ledger
-from stages.dedup import minhash
 from stages.dedup.reader import MalformedLine, ReadError
 from tests.dedup_corpus import (
+    ChainedCorpus,
+    chained_corpus,
     edited,
     encoded,
     make_download,
@@ -27,78 +26,61 @@ from tests.dedup_corpus import (
     output_rows,
     pile_line,
     random_text,
+    rule_figures,
     run_dedup,
+    similar_pairs,
 )
 
-EDIT_RATES = (0.003, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3)
+
+@pytest.fixture(scope="module")
+def chained(tmp_path_factory: pytest.TempPathFactory) -> tuple[ChainedCorpus, str]:
+    """The chained corpus (``tests/dedup_corpus.py``) as a download output."""
+    corpus = chained_corpus(0, families=40, chains=30, templates=6, distinct=300)
+    root = tmp_path_factory.mktemp("chained")
+    text = "".join(pile_line(d) for d in corpus.docs)
+    return corpus, make_download(root / "dl", {"train/00.jsonl.zst": text})
 
 
-def planted_corpus(families: int, distinct: int, seed: int = 0) -> list[str]:
-    """Base documents, each with one edited copy per rate in EDIT_RATES (never identical),
-    then unrelated documents; shuffled."""
-    rng = random.Random(seed)
-    docs = []
-    for _ in range(families):
-        base = random_text(rng, 300)
-        docs.append(base)
-        for rate in EDIT_RATES:
-            copy = edited(rng, base, rate)
-            docs.append(copy if copy != base else copy + " extra")
-    docs += [random_text(rng, 300) for _ in range(distinct)]
-    rng.shuffle(docs)
-    return docs
+def kept_documents(out: Path) -> set[int]:
+    """Indices (lines from 0) of the documents the output keeps."""
+    return {int(r["doc_id"].rsplit(":", 1)[1]) - 1 for r in output_rows(out)}
 
 
-def true_duplicates(docs: list[str], threshold: float) -> set[int]:
-    """Documents with another document at exact Jaccard >= threshold (same shingling)."""
-    hashes, offsets = minhash.shingle_hashes(docs, "word", 5, True)
-    sets = [np.unique(hashes[offsets[i] : offsets[i + 1]]) for i in range(len(docs))]
-    found = set()
-    for i in range(len(docs)):
-        for j in range(i + 1, len(docs)):
-            inter = len(np.intersect1d(sets[i], sets[j], assume_unique=True))
-            if inter / (len(sets[i]) + len(sets[j]) - inter) >= threshold:
-                found |= {i, j}
-    return found
-
-
-def precision_recall(predicted: set[int], truth: set[int]) -> tuple[float, float]:
-    hit = len(predicted & truth)
-    return hit / max(len(predicted), 1), hit / max(len(truth), 1)
-
-
-def test_near_duplicate_quality_against_exact_jaccard(ray_cluster, tmp_path, capsys):
-    """Per document, as on CORE: a document is a true duplicate when another document of the
-    corpus reaches the threshold, and detected when it lands in a near-duplicate cluster.
-    The planted edit rates put one copy per family just under the threshold (J ~0.67)."""
-    docs = planted_corpus(families=60, distinct=150)
-    text = "".join(pile_line(d) for d in docs)
-    download = make_download(tmp_path / "dl", {"train/00.jsonl.zst": text})
-    out = tmp_path / "out"
-    run_dedup(download, out, unit_docs=200, keep_intermediate=True, partitions=4)
-    truth = true_duplicates(docs, 0.7)
-    clusters = [pq.read_table(p).to_pylist() for p in sorted(out.glob("_work/clusters/*.parquet"))]
-    line = (1 << 40) - 1
-    members = {(r["doc_key"] & line) - 1 for part in clusters for r in part}
-    detected = members | {(r["rep"] & line) - 1 for part in clusters for r in part}
-    precision, recall = precision_recall(detected, truth)
-    report = json.loads((out / "report.json").read_text())
-    near = report["near"]
+def test_no_document_is_removed_without_a_kept_one_near_it(ray_cluster, chained, tmp_path, capsys):
+    """Against exact-Jaccard pairs: the default (greedy) leaves every removed document a
+    kept neighbour at the threshold and almost no near pair both kept; connected components
+    (the classic rule) chain, on the same corpus and candidates."""
+    corpus, download = chained
+    pairs = similar_pairs(corpus.docs, 0.7)
+    chain_docs = {doc for chain in corpus.chains for doc in chain}
+    figures, reports = {}, {}
+    for clustering in ("greedy", "components"):
+        out = tmp_path / clustering
+        run_dedup(download, out, unit_docs=300, partitions=4, clustering=clustering)
+        figures[clustering] = rule_figures(len(corpus.docs), kept_documents(out), pairs)
+        reports[clustering] = json.loads((out / "report.json").read_text())
     with capsys.disabled():
-        print(
-            f"\ndedup quality (threshold {near['threshold']}, {near['bands']}x{near['rows']} "
-            f"bands, verified edges, {len(docs)} docs, {len(truth)} true duplicates): "
-            f"precision {precision:.3f} recall {recall:.3f}"
+        print()
+        for clustering, found in figures.items():
+            print(found.line(f"dedup {clustering} ({len(corpus.docs)} documents)"))
+    greedy, components = figures["greedy"], figures["components"]
+    assert len(greedy.without_kept_neighbour) <= 0.02 * greedy.removed
+    assert not set(greedy.without_kept_neighbour) & chain_docs
+    assert len(greedy.both_kept) <= 0.001 * greedy.pairs
+    assert set(components.without_kept_neighbour) & chain_docs
+    # The report measures what the ground truth shows: the similarity of each removed
+    # document to the one kept for it, below the threshold only when chains removed it.
+    for clustering, report in reports.items():
+        totals = report["totals"]
+        assert totals["near_duplicates"] == figures[clustering].removed
+        assert report["near"]["clustering"] == clustering
+        assert totals["near_clusters"] == report["near"]["clusters"]
+        assert totals["largest_cluster"] == max(
+            c["largest_cluster"] for c in report["components"].values()
         )
-    # Issue 3: >= 0.95 on both at the configured threshold, with the default config.
-    assert precision >= 0.95 and recall >= 0.95
-    assert near["verify"] and near["verify_rejected"] > 0
-    kept = {int(r["doc_id"].rsplit(":", 1)[1]) - 1 for r in output_rows(out)}
-    removed = set(range(len(docs))) - kept
-    assert members <= removed
-    assert len(removed - members) == report["totals"]["exact_duplicates"]
-    assert report["totals"]["near_duplicates"] == len(members)
-    assert report["near"]["clusters"] == len(detected) - len(members)
+    assert reports["greedy"]["totals"]["near_below_threshold"] == 0
+    below = reports["components"]["totals"]["near_below_threshold"]
+    assert below >= len(components.without_kept_neighbour) > 0
 
 
 def mixed_download(root: Path) -> str:
@@ -178,6 +160,9 @@ def test_same_bytes_with_one_or_two_workers_on_gcs_and_after_interruptions(
         "docs_out": 80,
         "exact_duplicates": 2,
         "near_duplicates": 1,
+        "near_below_threshold": 0,
+        "near_clusters": 1,
+        "largest_cluster": 2,
         "decontaminated": 1,
         "malformed": 2,
         "bytes_out": report["totals"]["bytes_out"],

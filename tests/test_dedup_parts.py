@@ -4,8 +4,8 @@ against exact Jaccard, LSH band choice, and connected components against union-f
 from __future__ import annotations
 
 import gzip
-import json
 import random
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +15,9 @@ import pytest
 import ray
 import zstandard
 
-from stages.dedup import minhash
-from stages.dedup.components import connected_components
-from stages.dedup.phases import PAIR_WINDOW, bucket_pairs
+from stages.dedup import minhash, survivors
+from stages.dedup.components import clusters_by_kept, connected_components
+from stages.dedup.phases import bucket_pairs
 from stages.dedup.reader import ReadError, iter_lines, iter_records, parse_line
 from stages.documents import Document, DocumentFields, Malformed
 from tests.dedup_corpus import edited, pile_line, random_text
@@ -186,15 +186,21 @@ def test_pair_jaccard_of_shingle_sets_is_exact():
     assert min(truth[300:320]) > 0.5
 
 
-def test_bucket_pairs_link_whole_small_buckets_and_chain_large_ones():
+@pytest.mark.parametrize("window", [1, 8])
+def test_bucket_pairs_link_whole_small_buckets_and_chain_large_ones(window):
     small = [(1, k) for k in (30, 10, 20)]
-    large = [(2, k) for k in range(100, 100 + PAIR_WINDOW + 3)]
+    large = [(2, k) for k in range(100, 100 + window + 3)]
     bucket, key = zip(*(small + large + [(3, 5)]), strict=True)
-    pairs = bucket_pairs({"bucket": np.array(bucket, np.uint64), "doc_key": np.array(key)})
+    block = {"bucket": np.array(bucket, np.uint64), "doc_key": np.array(key)}
+    pairs = bucket_pairs(block, window)
     found = set(zip(pairs["a"].tolist(), pairs["b"].tolist(), strict=True))
-    assert {(10, 20), (10, 30), (20, 30)} <= found and all(a < b for a, b in found)
-    assert (100, 100 + PAIR_WINDOW) in found and (100, 101 + PAIR_WINDOW) not in found
-    assert len(found) == 3 + sum(min(PAIR_WINDOW, n) for n in range(PAIR_WINDOW + 3))
+    assert (10, 20) in found and (20, 30) in found and all(a < b for a, b in found)
+    assert ((10, 30) in found) == (window >= 2)
+    assert (100, 100 + window) in found and (100, 101 + window) not in found
+    expected = sum(min(window, n) for n in range(3)) + sum(
+        min(window, n) for n in range(window + 3)
+    )
+    assert len(found) == expected
 
 
 def test_char_shingles_and_short_documents():
@@ -236,19 +242,62 @@ def test_connected_components_match_union_find(ray_cluster, partitions):
     chain = np.stack([np.arange(0, 500), np.arange(1, 501)], axis=1) * 13
     edges = np.concatenate([edges, chain[::-1]])
     blocks = [ray.put(b) for b in np.array_split(edges, 3)]
-    result = connected_components(blocks, partitions)
-    pieces = ray.get(result.partitions)
+    removed = connected_components(blocks, partitions)
+    pieces = ray.get(removed)
     got = {int(a): int(b) for piece in pieces for a, b in piece}
     want = union_find_roots(edges)
     assert got == want
-    assert result.clusters == len(set(want.values()))
-    assert result.samples[0].size == max(
-        [list(want.values()).count(r) + 1 for r in set(want.values())]
-    )
     assert all((np.diff(p[:, 0]) > 0).all() for p in pieces)
+    clusters = clusters_by_kept(removed, partitions)
+    sizes = Counter(want.values())
+    assert clusters.clusters == len(sizes)
+    assert {int(k): int(n) for p in ray.get(clusters.sizes) for k, n in p} == {
+        k: n + 1 for k, n in sizes.items()
+    }
+    largest = max(sizes.values()) + 1
+    assert [s.size for s in clusters.samples][:1] == [largest]
+
+
+def greedy_reference(edges: np.ndarray) -> tuple[set[int], set[int]]:
+    """The sequential rule: in id order, a node is kept unless a kept neighbour came first.
+    Returns (kept, removed) among the nodes with edges."""
+    neighbours: dict[int, set[int]] = defaultdict(set)
+    for a, b in edges.tolist():
+        if a != b:
+            neighbours[a].add(b)
+            neighbours[b].add(a)
+    kept: set[int] = set()
+    for node in sorted(neighbours):
+        if not neighbours[node] & kept:
+            kept.add(node)
+    return kept, set(neighbours) - kept
+
+
+@pytest.mark.parametrize(("partitions", "local"), [(1, 10**9), (4, 10**9), (3, 0), (4, 700)])
+def test_greedy_survivors_match_the_sequential_rule(ray_cluster, monkeypatch, partitions, local):
+    """Any partitioning, and rounds finished in one task from any point, give the
+    sequential result: removed documents each have a kept neighbour, no edge joins two
+    kept ones. The graph holds a long sorted chain (one decision per two rounds) and its
+    reverse, a star and random edges."""
+    monkeypatch.setattr(survivors, "LOCAL_MESSAGES", local)
+    rng = np.random.default_rng(partitions)
+    random_edges = rng.integers(0, 2000, size=(2500, 2)) * 7 + 3
+    chain = np.stack([np.arange(0, 120), np.arange(1, 121)], axis=1) * 5 + 20_000
+    star = np.stack([np.full(40, 30_000), np.arange(30_001, 30_041)], axis=1)
+    edges = np.concatenate([random_edges, chain[::-1], chain[:30, ::-1] + 1000, star])
+    blocks = [ray.put(b) for b in np.array_split(edges, 3)]
+    pieces = ray.get(survivors.greedy_removals(blocks, partitions))
+    assert all((np.diff(p[:, 0]) > 0).all() for p in pieces)
+    removed_for = {int(a): int(b) for piece in pieces for a, b in piece}
+    kept, removed = greedy_reference(edges)
+    assert set(removed_for) == removed
+    pairs = {(min(a, b), max(a, b)) for a, b in edges.tolist()}
+    assert all((rep, doc) in pairs and rep in kept for doc, rep in removed_for.items())
+    assert removed_for[30_001] == 30_000 and 30_000 in kept
 
 
 def test_no_edges_no_components(ray_cluster):
-    result = connected_components([], 3)
-    assert result.clusters == 0 and [len(p) for p in ray.get(result.partitions)] == [0, 0, 0]
-    json.dumps([s.__dict__ for s in result.samples])
+    for removed in (connected_components([], 3), survivors.greedy_removals([], 3)):
+        assert [len(p) for p in ray.get(removed)] == [0, 0, 0]
+        clusters = clusters_by_kept(removed, 3)
+        assert clusters.clusters == 0 and clusters.samples == []

@@ -1,11 +1,13 @@
-"""Distributed connected components of the near-duplicate candidate graph.
+"""Distributed passes over the near-duplicate graph: the shuffle they share, connected
+components (the classic clustering), and the grouping of removed documents by the kept
+document they were removed for.
 
 The graph arrives as edge blocks in Ray's object store and never gathers in one process:
 each round hash-partitions the edges by node with one Ray task per block (``_scatter``,
-one return per partition) and reduces each partition in its own task. The rounds are
-Kiveris et al.'s alternating Large-Star / Small-Star ("Connected Components in MapReduce
-and Beyond", SoCC 2014), which converge in O(log^2 n) rounds to one star per component
-centred on its smallest node:
+one return per partition) and reduces each partition in its own task. Connected components
+are Kiveris et al.'s alternating Large-Star / Small-Star ("Connected Components in
+MapReduce and Beyond", SoCC 2014), which converge in O(log^2 n) rounds to one star per
+component centred on its smallest node:
 
 - Large-Star at node u (all neighbours): every larger neighbour is linked to
   m = min(u, neighbours).
@@ -32,7 +34,9 @@ MAX_ROUNDS = 200
 # Members listed for each sampled cluster.
 SAMPLE_MEMBERS = 10
 
-Mode = Literal["symmetric", "oriented", "final"]
+Mode = Literal["symmetric", "oriented", "reversed", "keyed"]
+"""How ``_scatter`` keys an edge (a, b): by both ends, by its larger end pointing to its
+smaller, by b, or as given (by a)."""
 
 
 @dataclass(frozen=True)
@@ -43,11 +47,12 @@ class ClusterSample:
 
 
 @dataclass
-class Components:
-    """The finished components: leaf -> root arrays (one object per partition, partitioned
-    by leaf, sorted by leaf), how many clusters there are and the largest ones."""
+class Clusters:
+    """Removed documents grouped by the kept document they were removed for: (kept, size)
+    arrays (one object per partition, partitioned by kept document, sorted), how many
+    clusters there are and the largest ones."""
 
-    partitions: list[ray.ObjectRef]
+    sizes: list[ray.ObjectRef]
     clusters: int
     samples: list[ClusterSample]
 
@@ -75,11 +80,14 @@ def partition_of(keys: np.ndarray, partitions: int) -> np.ndarray:
 def _scatter(block: Any, partitions: int, mode: Mode) -> tuple[np.ndarray, ...] | np.ndarray:
     """Edges keyed for the next reduce (column 0 is the key), split by partition."""
     edges = _as_edges(block)
-    edges = edges[edges[:, 0] != edges[:, 1]]
     if mode == "symmetric":
+        edges = edges[edges[:, 0] != edges[:, 1]]
         edges = np.concatenate([edges, edges[:, ::-1]])
     elif mode == "oriented":
+        edges = edges[edges[:, 0] != edges[:, 1]]
         edges = np.stack([edges.max(axis=1), edges.min(axis=1)], axis=1)
+    elif mode == "reversed":
+        edges = edges[:, ::-1]
     part = partition_of(edges[:, 0], partitions)
     order = np.argsort(part, kind="stable")
     bounds = np.searchsorted(part[order], np.arange(1, partitions))
@@ -96,13 +104,12 @@ def _grouped(pieces: tuple[np.ndarray, ...]) -> tuple[np.ndarray, np.ndarray, np
     return u, v, starts
 
 
-def _large_star(*pieces: np.ndarray) -> tuple[np.ndarray, int, list[ClusterSample], int]:
-    """Large-Star on one partition: the new edges, the unsettled node count of this input,
-    and (meaningful once nothing is unsettled) the largest clusters rooted here and the
-    number of roots."""
+def _large_star(*pieces: np.ndarray) -> tuple[np.ndarray, int]:
+    """Large-Star on one partition: the new edges, and the unsettled node count of this
+    input."""
     u, v, starts = _grouped(pieces)
     if not len(u):
-        return np.empty((0, 2), dtype=np.int64), 0, [], 0
+        return np.empty((0, 2), dtype=np.int64), 0
     sizes = np.diff(np.append(starts, len(u)))
     first = v[starts]
     group_min = np.minimum(u[starts], first)
@@ -110,24 +117,7 @@ def _large_star(*pieces: np.ndarray) -> tuple[np.ndarray, int, list[ClusterSampl
     unsettled = int(np.count_nonzero(has_smaller & (sizes > 1)))
     m = np.repeat(group_min, sizes)
     keep = v > u
-    out = np.stack([v[keep], m[keep]], axis=1)
-    roots = ~has_smaller
-    samples = _samples(u[starts][roots], starts[roots], sizes[roots], v)
-    return out, unsettled, samples, int(np.count_nonzero(roots))
-
-
-def _samples(
-    roots: np.ndarray, starts: np.ndarray, sizes: np.ndarray, v: np.ndarray
-) -> list[ClusterSample]:
-    order = np.lexsort((roots, -sizes))[:SAMPLE_MEMBERS]
-    return [
-        ClusterSample(
-            int(sizes[i]) + 1,
-            int(roots[i]),
-            [int(x) for x in v[starts[i] : starts[i] + min(int(sizes[i]), SAMPLE_MEMBERS)]],
-        )
-        for i in order
-    ]
+    return np.stack([v[keep], m[keep]], axis=1), unsettled
 
 
 def _small_star(*pieces: np.ndarray) -> np.ndarray:
@@ -142,39 +132,76 @@ def _small_star(*pieces: np.ndarray) -> np.ndarray:
     return np.concatenate([links, centre])
 
 
-def _sorted_by_leaf(*pieces: np.ndarray) -> np.ndarray:
+def sorted_by_key(*pieces: np.ndarray) -> np.ndarray:
+    """One partition's rows, concatenated and sorted by column 0."""
     edges = np.concatenate(pieces) if pieces else np.empty((0, 2), dtype=np.int64)
     return edges[np.argsort(edges[:, 0], kind="stable")]
 
 
-def _shuffle(
-    blocks: list[Any], partitions: int, mode: Mode, reduce: Any, returns: int, remote_args: dict
+def shuffle(
+    blocks: list[Any],
+    partitions: int,
+    mode: Mode,
+    reduce: Any,
+    returns: int,
+    remote_args: dict,
+    leading: list[Any] | None = None,
 ) -> list[Any]:
-    """Scatter every block by key and run ``reduce`` on each partition's pieces."""
+    """Scatter every block by key and run ``reduce`` on each partition's pieces, after the
+    partition's ``leading`` argument when one is given."""
     scatter = ray.remote(_scatter).options(num_returns=partitions, **remote_args)
     scattered = [scatter.remote(block, partitions, mode) for block in blocks]
     if partitions == 1:
         scattered = [[piece] for piece in scattered]
     task = ray.remote(reduce).options(num_returns=returns, **remote_args)
-    return [task.remote(*[pieces[p] for pieces in scattered]) for p in range(partitions)]
+    first = [() if leading is None else (leading[p],) for p in range(partitions)]
+    return [task.remote(*first[p], *[pieces[p] for pieces in scattered]) for p in range(partitions)]
 
 
 def connected_components(
     blocks: list[Any], partitions: int, remote_args: dict | None = None
-) -> Components:
+) -> list[ray.ObjectRef]:
     """The components of the graph whose edges are ``blocks`` (object refs or values of
-    ``(n, 2)`` int64 arrays, or tables with columns ``a``, ``b``)."""
+    ``(n, 2)`` int64 arrays, or tables with columns ``a``, ``b``), as (member, smallest
+    member) arrays, one per partition, partitioned by member and sorted."""
     remote_args = {"num_cpus": 1, **(remote_args or {})}
     edges = list(blocks)
     for _ in range(MAX_ROUNDS):
-        results = _shuffle(edges, partitions, "symmetric", _large_star, 4, remote_args)
+        results = shuffle(edges, partitions, "symmetric", _large_star, 2, remote_args)
         unsettled = sum(ray.get([r[1] for r in results]))
         edges = [r[0] for r in results]
         if unsettled == 0:
-            samples = [s for group in ray.get([r[2] for r in results]) for s in group]
-            samples.sort(key=lambda s: (-s.size, s.root))
-            clusters = sum(ray.get([r[3] for r in results]))
-            final = _shuffle(edges, partitions, "final", _sorted_by_leaf, 1, remote_args)
-            return Components(final, clusters, samples[:SAMPLE_MEMBERS])
-        edges = _shuffle(edges, partitions, "oriented", _small_star, 1, remote_args)
+            return shuffle(edges, partitions, "keyed", sorted_by_key, 1, remote_args)
+        edges = shuffle(edges, partitions, "oriented", _small_star, 1, remote_args)
     raise RuntimeError(f"connected components did not converge in {MAX_ROUNDS} rounds")
+
+
+def _sizes(*pieces: np.ndarray) -> tuple[np.ndarray, list[ClusterSample], int]:
+    """One partition of (kept, removed) rows: (kept, cluster size) sorted by kept, the
+    largest clusters kept here, and how many clusters."""
+    rows = np.concatenate(pieces) if pieces else np.empty((0, 2), dtype=np.int64)
+    rows = rows[np.lexsort((rows[:, 1], rows[:, 0]))]
+    kept, starts, counts = np.unique(rows[:, 0], return_index=True, return_counts=True)
+    order = np.lexsort((kept, -counts))[:SAMPLE_MEMBERS]
+    samples = [
+        ClusterSample(
+            int(counts[i]) + 1,
+            int(kept[i]),
+            [int(x) for x in rows[starts[i] : starts[i] + min(int(counts[i]), SAMPLE_MEMBERS), 1]],
+        )
+        for i in order
+    ]
+    return np.stack([kept, counts + 1], axis=1).astype(np.int64), samples, len(kept)
+
+
+def clusters_by_kept(
+    removed: list[Any], partitions: int, remote_args: dict | None = None
+) -> Clusters:
+    """The clusters of (removed, kept) partitions: each kept document with the documents
+    removed for it."""
+    remote_args = {"num_cpus": 1, **(remote_args or {})}
+    results = shuffle(removed, partitions, "reversed", _sizes, 3, remote_args)
+    samples = [s for group in ray.get([r[1] for r in results]) for s in group]
+    samples.sort(key=lambda s: (-s.size, s.root))
+    clusters = sum(ray.get([r[2] for r in results]))
+    return Clusters([r[0] for r in results], clusters, samples[:SAMPLE_MEMBERS])

@@ -3,6 +3,8 @@ and how many workers do the work."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from pipeline.stage import StageConfig
@@ -55,14 +57,30 @@ class DedupConfig(StageConfig):
     """LSH bands (with ``rows``); bands * rows must not exceed num_perm."""
     rows: int | None = Field(default=None, ge=1)
     """Signature values per band (with ``bands``)."""
-    fp_weight: float = Field(default=0.5, ge=0)
-    """Weight of false positives when (bands, rows) are chosen from the threshold."""
-    fn_weight: float = Field(default=0.5, ge=0)
-    """Weight of false negatives when (bands, rows) are chosen from the threshold."""
+    fp_weight: float = Field(default=0.1, ge=0)
+    """Weight of false positives when (bands, rows) are chosen from the threshold: low by
+    default, since ``verify`` drops them (at the cost of verifying more candidates)."""
+    fn_weight: float = Field(default=0.9, ge=0)
+    """Weight of false negatives when (bands, rows) are chosen from the threshold: a pair
+    LSH misses is a pair of near-duplicates both kept. At 0.7, 0.9 gives 32x8 bands (85%
+    of pairs at exactly 0.7 become candidates, 97% at 0.75; 0.5 gives 25x10: 51%, 77%);
+    on ``tests/test_dedup.py``'s chained corpus that takes the pairs at or above the
+    threshold left both kept from 0.94% to 0%, for 1.8x the candidates verified."""
     verify: bool = True
     """Link two LSH candidates only when the exact Jaccard similarity of their shingle sets
     reaches the threshold (keeps every unit's shingle sets under ``_work/``): precision then
     no longer rests on the band shape, which can favour recall (``fn_weight``)."""
+    pair_window: int = Field(default=8, ge=1)
+    """Candidate pairs of an LSH bucket: each member (in doc_id order) with this many next
+    members, so every pair of a bucket of up to ``pair_window + 1`` documents and a chain
+    through a larger one (``benchmarks/dedup.py --study-window`` measures the trade)."""
+    clustering: Literal["greedy", "components"] = "greedy"
+    """How verified pairs decide what is removed. ``greedy``: documents in doc_id order,
+    each kept unless a kept document it is near came before it (then it is removed for
+    that one), so every removed document has a kept one within the threshold.
+    ``components``: connected components, one document kept per component (what datatrove
+    and most MinHash pipelines do): chains of pairs remove documents that are near no kept
+    one."""
     seed: int = 42
     """Seed of the MinHash hash functions."""
     partitions: int = Field(default=16, ge=1, le=4096)

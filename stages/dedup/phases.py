@@ -8,7 +8,8 @@ these as Ray tasks, Ray Data actors and shuffles, and commits each result as a l
   hash shuffle by bucket, candidate pairs of documents sharing a bucket.
 - ``PairVerifier``: candidate pairs -> those whose exact Jaccard similarity reaches the
   threshold (the edges of the near-duplicate graph).
-- ``write_output``: a unit's documents minus removals -> one output shard and its counts.
+- ``write_output``: a unit's documents minus removals -> one output shard and its counts
+  (with the clusters kept in it and the removed documents' similarity to theirs).
 """
 
 from __future__ import annotations
@@ -44,10 +45,6 @@ from stages.dedup.units import (
     write_parquet,
 )
 
-PAIR_WINDOW = 8
-"""Candidate pairs of a bucket: each member with this many next members (every pair of a
-bucket of up to PAIR_WINDOW + 1 documents; a chain through larger ones)."""
-
 REMOVAL_SCHEMA = pa.schema([("doc_key", pa.int64()), ("reason", pa.int8()), ("rep", pa.int64())])
 
 
@@ -56,7 +53,13 @@ def exact_path(partition: int) -> str:
 
 
 def cluster_path(partition: int) -> str:
+    """(removed doc_key, kept rep, similarity) of one partition of removed documents."""
     return f"{WORK}/clusters/{partition:04d}.parquet"
+
+
+def sizes_path(partition: int) -> str:
+    """(kept doc_key, cluster size) of one partition of kept documents."""
+    return f"{WORK}/cluster_sizes/{partition:04d}.parquet"
 
 
 def sig_path(unit: dict[str, Any]) -> str:
@@ -134,15 +137,28 @@ def exact_removed(output: str, partitions: int, lo: int, hi: int) -> dict[int, t
     return found
 
 
-def near_members(output: str, partitions: int, lo: int, hi: int) -> dict[int, int]:
-    """doc_key -> cluster representative for near-duplicate cluster members in [lo, hi)."""
-    found: dict[int, int] = {}
-    for p in range(partitions):
-        table = read_key_range(storage.join(output, cluster_path(p)), lo, hi, ["doc_key", "rep"])
-        found.update(
-            zip(table.column("doc_key").to_pylist(), table.column("rep").to_pylist(), strict=True)
-        )
+def _key_range(output: str, paths: list[str], lo: int, hi: int, column: str) -> dict[int, float]:
+    """doc_key -> ``column`` over the partition files ``paths``, for keys in [lo, hi)."""
+    found: dict[int, float] = {}
+    for path in paths:
+        table = read_key_range(storage.join(output, path), lo, hi, ["doc_key", column])
+        keys, values = table.column("doc_key").to_pylist(), table.column(column).to_pylist()
+        found.update(zip(keys, values, strict=True))
     return found
+
+
+def near_removed(output: str, partitions: int, lo: int, hi: int) -> dict[int, float]:
+    """doc_key -> similarity to the document it was removed for (NaN where shingle sets are
+    not kept), for the near-duplicates removed in [lo, hi)."""
+    paths = [cluster_path(p) for p in range(partitions)]
+    return _key_range(output, paths, lo, hi, "similarity")
+
+
+def cluster_sizes(output: str, partitions: int, lo: int, hi: int) -> dict[int, int]:
+    """doc_key -> size of its cluster (itself and the documents removed for it), for the
+    kept documents in [lo, hi) that near-duplicates were removed for."""
+    paths = [sizes_path(p) for p in range(partitions)]
+    return {k: int(v) for k, v in _key_range(output, paths, lo, hi, "size").items()}
 
 
 class Signer:
@@ -233,16 +249,16 @@ def explode_bands(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
-def bucket_pairs(block: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def bucket_pairs(block: dict[str, np.ndarray], window: int) -> dict[str, np.ndarray]:
     """Candidate pairs (a < b) of every bucket in a block that holds whole buckets (Ray
-    Data's hash shuffle by bucket): each member with the next ``PAIR_WINDOW`` members in
+    Data's hash shuffle by bucket): each member with the next ``window`` members in
     doc_key order, so every pair of a small bucket and a chain through a large one."""
     bucket = block["bucket"].astype(np.uint64)
     key = block["doc_key"].astype(np.int64)
     order = np.lexsort((key, bucket))
     bucket, key = bucket[order], key[order]
     a_parts, b_parts = [], []
-    for step in range(1, PAIR_WINDOW + 1):
+    for step in range(1, window + 1):
         same = (bucket[step:] == bucket[:-step]) & (key[step:] != key[:-step])
         a_parts.append(key[:-step][same])
         b_parts.append(key[step:][same])
@@ -262,13 +278,16 @@ class PairVerifier:
 
     def __call__(self, block: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         a, b = block["a"].astype(np.int64), block["b"].astype(np.int64)
+        keep = self.similarity(a, b) >= self.threshold
+        return {"a": a[keep], "b": b[keep]}
+
+    def similarity(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """The exact Jaccard similarity of the shingle sets of each pair (a[i], b[i])."""
         if not len(a):
-            return {"a": a, "b": b}
+            return np.empty(0, dtype=np.float64)
         keys, index = np.unique(np.concatenate([a, b]), return_inverse=True)
         values, offsets = self.sets_of(keys)
-        similar = pair_jaccard(values, offsets, index[: len(a)], index[len(a) :])
-        keep = similar >= self.threshold
-        return {"a": a[keep], "b": b[keep]}
+        return pair_jaccard(values, offsets, index[: len(a)], index[len(a) :])
 
     def sets_of(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The shingle sets of ``keys`` (sorted, all signed) in ``pair_jaccard``'s layout."""
@@ -299,13 +318,13 @@ def write_output(
     texts = table.column("text").to_pylist()
     names = table.column("pile_set_name").to_pylist()
     reasons = np.zeros(len(keys), dtype=np.int8)
+    near: dict[int, float] = {}
+    sizes: dict[int, int] = {}
     if unit["split"] == "train":
         exact = exact_removed(output, config.partitions, unit["key_lo"], unit["key_hi"])
-        near = (
-            near_members(output, config.partitions, unit["key_lo"], unit["key_hi"])
-            if near_done
-            else {}
-        )
+        if near_done:
+            near = near_removed(output, config.partitions, unit["key_lo"], unit["key_hi"])
+            sizes = cluster_sizes(output, config.partitions, unit["key_lo"], unit["key_hi"])
         for i, k in enumerate(keys.tolist()):
             if k in exact:
                 reasons[i] = exact[k][0]
@@ -323,18 +342,23 @@ def write_output(
         }
     )
     counts: dict[str, Counter] = defaultdict(Counter)
-    for name, text, reason in zip(names, texts, reasons.tolist(), strict=True):
+    for key, name, text, reason in zip(keys.tolist(), names, texts, reasons.tolist(), strict=True):
         c = counts[name]
         c["docs_in"] += 1
         if reason == EXACT_DUP:
             c["exact_duplicates"] += 1
         elif reason == NEAR_DUP:
             c["near_duplicates"] += 1
+            # Measured where shingle sets are kept (verify); NaN compares False.
+            c["near_below_threshold"] += int(near[key] < config.threshold)
         elif reason == CONTAMINATED:
             c["decontaminated"] += 1
         else:
             c["docs_out"] += 1
             c["bytes_out"] += len(text.encode("utf-8"))
+        if key in sizes:
+            c["near_clusters"] += 1
+            c["largest_cluster"] = max(c["largest_cluster"], sizes[key])
     metadata = {
         "split": unit["split"],
         "components": {n: dict(sorted(c.items())) for n, c in sorted(counts.items())},

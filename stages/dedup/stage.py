@@ -6,10 +6,12 @@
 3. signatures: a Ray Data ``map_batches`` over the train units on an autoscaling actor
    pool (``sig/{unit}``).
 4. near: Ray Data hash-shuffles (bucket, doc) rows by bucket into candidate pairs, keeps
-   (with ``verify``) those whose exact Jaccard similarity reaches the threshold, distributed
-   connected components join them (``components.py``), and each partition of the
-   (member, representative) pairs is committed (``clusters/{p}``). The phase reruns
-   whole until every partition is committed.
+   (with ``verify``) those whose exact Jaccard similarity reaches the threshold, and
+   decides in distributed rounds which documents they remove, each for a kept one: the
+   greedy independent set (``survivors.py``) or connected components (``components.py``).
+   Each partition of the (removed, kept, similarity) rows and of the cluster sizes is
+   committed (``clusters/{p}``). The phase reruns whole until every partition is
+   committed.
 5. output: one Ray task per unit writes ``{split}/part-NNNNN.parquet`` (``out/...``).
 6. report: ``report.json`` from the units' counts, committed last; a stage that finds it
    committed only re-records its metrics.
@@ -36,7 +38,7 @@ from pipeline.ledger import Ledger
 from pipeline.raydata import release_stranded_data_coordinator
 from pipeline.stage import StageContext, register
 from pipeline.tasks import Placement, run_all
-from stages.dedup.components import connected_components
+from stages.dedup.components import clusters_by_kept, connected_components
 from stages.dedup.config import DedupConfig
 from stages.dedup.phases import (
     PairVerifier,
@@ -46,9 +48,11 @@ from stages.dedup.phases import (
     exact_partition,
     explode_bands,
     sig_path,
+    sizes_path,
     write_output,
 )
 from stages.dedup.reader import MalformedLine, ReadError
+from stages.dedup.survivors import greedy_removals
 from stages.dedup.units import (
     LINE_BITS,
     WORK,
@@ -67,10 +71,15 @@ COUNTS = (
     "docs_in",
     "exact_duplicates",
     "near_duplicates",
+    "near_below_threshold",
+    "near_clusters",
+    "largest_cluster",
     "decontaminated",
     "docs_out",
     "bytes_out",
 )
+LARGEST = "largest_cluster"
+"""The one count that is a maximum over units, not a sum."""
 
 
 class DedupError(Exception):
@@ -190,8 +199,8 @@ def _read_bands(batch: dict, output: str, train: list[dict]) -> dict:
 
 
 def find_clusters(ctx: StageContext, train: list[dict], placement: Placement) -> dict[str, Any]:
-    """Near-duplicate clusters: (member, representative) pairs committed per partition;
-    returns the cluster count and samples (kept in partition 0's record)."""
+    """Near-duplicate clusters: (removed, kept, similarity) rows and cluster sizes committed
+    per partition; returns the cluster count and samples (kept in partition 0's record)."""
     config: DedupConfig = ctx.config
     names = [f"clusters/{p:04d}" for p in range(config.partitions)]
     if all(ctx.ledger.is_committed(n) for n in names):
@@ -203,7 +212,12 @@ def find_clusters(ctx: StageContext, train: list[dict], placement: Placement) ->
     )
     edges = (
         ds.repartition(config.partitions, keys=["bucket"])
-        .map_batches(bucket_pairs, batch_size=None, batch_format="numpy")
+        .map_batches(
+            bucket_pairs,
+            fn_kwargs={"window": config.pair_window},
+            batch_size=None,
+            batch_format="numpy",
+        )
         .materialize()
     )
     candidates = edges.count()  # a pair sharing several buckets counts once per bucket
@@ -218,32 +232,60 @@ def find_clusters(ctx: StageContext, train: list[dict], placement: Placement) ->
             ),
             **placement.data_options(),
         ).materialize()
-    components = connected_components(edges.to_arrow_refs(), config.partitions)
+    cluster_of = greedy_removals if config.clustering == "greedy" else connected_components
+    removed = cluster_of(edges.to_arrow_refs(), config.partitions)
+    clusters = clusters_by_kept(removed, config.partitions)
     summary = {
-        "clusters": components.clusters,
+        "clusters": clusters.clusters,
+        "candidate_pairs": candidates,
+        "verified_pairs": edges.count() if config.verify else None,
         "verify_rejected": candidates - edges.count(),
         "samples": [
             {"size": s.size, "root": s.root, "members": s.members}
-            for s in components.samples[: config.cluster_samples]
+            for s in clusters.samples[: config.cluster_samples]
         ],
     }
     calls = [
-        (ctx.output, p, ref, summary if p == 0 else {})
-        for p, ref in enumerate(components.partitions)
+        (ctx.output, p, removed[p], clusters.sizes[p], train, config, summary if p == 0 else {})
+        for p in range(config.partitions)
         if not ctx.ledger.is_committed(names[p])
     ]
     _run_tasks(_write_clusters, calls, config.parse_concurrency, "clusters", placement)
     return summary
 
 
-def _write_clusters(output: str, partition: int, edges: Any, summary: dict) -> None:
-    table = pa.table(
-        {"doc_key": pa.array(edges[:, 0], pa.int64()), "rep": pa.array(edges[:, 1], pa.int64())}
+def _write_clusters(
+    output: str,
+    partition: int,
+    removed: np.ndarray,
+    sizes: np.ndarray,
+    train: list[dict],
+    config: DedupConfig,
+    summary: dict,
+) -> None:
+    """Commit one partition: each removed document with the kept one it was removed for and
+    their exact similarity (NaN without ``verify``, which keeps the shingle sets), and each
+    kept document's cluster size."""
+    doc, kept = removed[:, 0], removed[:, 1]
+    similarity = np.full(len(doc), np.nan)
+    if config.verify:
+        similarity = PairVerifier(output, train, config.threshold).similarity(doc, kept)
+    rows = pa.table(
+        {
+            "doc_key": pa.array(doc, pa.int64()),
+            "rep": pa.array(kept, pa.int64()),
+            "similarity": pa.array(similarity, pa.float64()),
+        }
+    )
+    size_rows = pa.table(
+        {"doc_key": pa.array(sizes[:, 0], pa.int64()), "size": pa.array(sizes[:, 1], pa.int64())}
     )
     with Ledger(output).unit(f"clusters/{partition:04d}") as unit:
         with unit.open(cluster_path(partition)) as f:
-            f.write(parquet_bytes(table, 16_384))
-        unit.metadata.update(summary, members=table.num_rows)
+            f.write(parquet_bytes(rows, 16_384))
+        with unit.open(sizes_path(partition)) as f:
+            f.write(parquet_bytes(size_rows, 16_384))
+        unit.metadata.update(summary, members=rows.num_rows)
 
 
 def write_all(
@@ -265,6 +307,12 @@ def write_all(
     return [ctx.ledger.record(n)["metadata"] for n in names]
 
 
+def _merge(into: Counter, counts: dict[str, int]) -> None:
+    """Add a unit's counts to ``into``; the largest cluster is a maximum, not a sum."""
+    for key, value in counts.items():
+        into[key] = max(into[key], value) if key == LARGEST else into[key] + value
+
+
 def _doc_id(key: int, files: list[tuple[str, str]]) -> str:
     return f"{files[key >> LINE_BITS][0]}:{key & ((1 << LINE_BITS) - 1)}"
 
@@ -281,11 +329,11 @@ def build_report(
     splits: dict[str, dict[str, Counter]] = defaultdict(lambda: defaultdict(Counter))
     for shard in shards:
         for name, counts in shard["components"].items():
-            splits[shard["split"]][name].update(counts)
+            _merge(splits[shard["split"]][name], counts)
     components: dict[str, Counter] = defaultdict(Counter)
     for per_name in splits.values():
         for name, counts in per_name.items():
-            components[name].update(counts)
+            _merge(components[name], counts)
     malformed: dict[str, dict[str, Any]] = {}
     for unit in units:
         if unit["malformed"]:
@@ -298,7 +346,10 @@ def build_report(
         return {n: {k: int(c[k]) for k in COUNTS} for n, c in sorted(per_name.items())}
 
     def total(per_name: dict[str, Counter]) -> dict[str, int]:
-        return {k: int(sum(c[k] for c in per_name.values())) for k in COUNTS}
+        merged: Counter = Counter()
+        for counts in per_name.values():
+            _merge(merged, counts)
+        return {k: int(merged[k]) for k in COUNTS}
 
     return {
         "totals": {**total(components), "malformed": sum(m["count"] for m in malformed.values())},
@@ -312,7 +363,14 @@ def build_report(
             "bands": bands,
             "rows": rows,
             "threshold": config.threshold,
+            "clustering": config.clustering,
+            "pair_window": config.pair_window,
             "verify": config.verify,
+            # Without verify the shingle sets are not kept: near_below_threshold is not
+            # measured and reads 0.
+            "similarity_measured": config.verify,
+            "candidate_pairs": clusters.get("candidate_pairs", 0),
+            "verified_pairs": clusters.get("verified_pairs"),
             "verify_rejected": clusters.get("verify_rejected", 0),
             "clusters": clusters.get("clusters", 0),
             "cluster_samples": [
@@ -332,7 +390,6 @@ def _record(ctx: StageContext, report: dict[str, Any], seconds: float) -> None:
     for name, counts in report["components"].items():
         for key, value in counts.items():
             metrics[f"{key}.{name}"] = float(value)
-    metrics["near_clusters"] = float(report["near"]["clusters"])
     metrics["seconds"] = seconds
     ctx.record(**metrics)
 
@@ -381,4 +438,19 @@ def run(ctx: StageContext) -> None:
         totals["bytes_out"] / 1e6,
         seconds,
     )
+    near = report["near"]
+    if near["enabled"]:
+        below = (
+            f"{totals['near_below_threshold']} removed below the threshold of the document "
+            "kept for them"
+            if near["similarity_measured"]
+            else "similarity to the kept documents not measured (verify is off)"
+        )
+        log.info(
+            "dedup: near-duplicates by %s: %d clusters, the largest %d documents; %s",
+            near["clustering"],
+            near["clusters"],
+            totals["largest_cluster"],
+            below,
+        )
     _record(ctx, report, seconds)
