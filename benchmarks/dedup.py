@@ -1,9 +1,14 @@
 """Dedup benchmark: MinHash signature throughput per core against datasketch, and the whole
 stage's MB/s and peak memory at two corpus sizes, and its MB/s on the larger corpus as
 Parquet beside ``.jsonl.zst`` (a format should never be a slow path), measured in one run.
+With ``--clustering-mb``, also the whole stage in both clustering modes beside datatrove's
+MinHash pipeline on a generated chained corpus of that many MB (``benchmarks/
+datatrove_baseline.py``), same files and cores.
 
     pip install datasketch   # the baseline; not a meshline dependency
     python benchmarks/dedup.py [--docs 2000] [--sizes 4 8]
+    pip install datatrove spacy   # for --clustering-mb
+    python benchmarks/dedup.py --clustering-mb 100
 
 Signatures: the same documents, word 5-grams (lowercased), 256 slots, one core; datasketch
 gets its fastest path (``MinHash.update_batch`` over the encoded shingles). The stage runs
@@ -15,6 +20,7 @@ largest single process (a worker) and the largest sum.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import shutil
 import sys
@@ -29,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stages.dedup import minhash  # noqa: E402
 from tests.dedup_corpus import (  # noqa: E402
+    chained_corpus,
     edited,
     encoded,
     make_download,
@@ -128,11 +135,90 @@ def stage_run(records: list[dict], suffix: str, work: Path) -> tuple[float, floa
     return size, seconds, rss.largest, rss.total
 
 
+def write_chained_corpus(mb: float, root: Path, distinct: int, files: int = 8) -> float:
+    """``tests.dedup_corpus.chained_corpus`` blocks (40 edit families, 30 chains, 6 template
+    families and ``distinct`` unrelated documents each) until ``mb`` MB of text, as
+    ``files`` plain JSON-lines files with an ``id`` (what datatrove reads) under ``root``;
+    returns the MB written."""
+    docs: list[str] = []
+    size, seed = 0, 0
+    while size < mb * 1e6:
+        block = chained_corpus(seed, 40, 30, 6, distinct).docs
+        docs += block
+        size += sum(len(d) for d in block)
+        seed += 1
+    root.mkdir(parents=True)
+    for k in range(files):
+        lines = [
+            json.dumps({"text": d, "id": f"{k}:{i}", "meta": {"pile_set_name": "Pile-CC"}})
+            for i, d in enumerate(docs[k::files])
+        ]
+        (root / f"train-{k:02d}.jsonl").write_text("\n".join(lines) + "\n")
+    return size / 1e6
+
+
+def clustering_runs(mb: float, distinct: int, work: Path) -> None:
+    """Both clustering modes of the stage and datatrove's pipeline on one chained corpus."""
+    import ray
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from datatrove_baseline import datatrove_minhash
+
+    corpus = work / "chained"
+    size = write_chained_corpus(mb, corpus, distinct)
+    download = make_download(
+        work / "chained-dl", {p.name: p.read_bytes() for p in sorted(corpus.glob("*.jsonl"))}
+    )
+    seconds: dict[str, float] = {}
+    removed: dict[str, int] = {}
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        for mode in ("greedy", "components"):
+            started = time.perf_counter()
+            ctx = run_dedup(
+                download, work / mode, unit_docs=5000, partitions=8, max_workers=2, clustering=mode
+            )
+            seconds[mode] = time.perf_counter() - started
+            removed[mode] = int(ctx.metrics["near_duplicates"])
+    finally:
+        ray.shutdown()
+    baseline = datatrove_minhash(corpus, work / "datatrove", workers=2)
+    print(
+        f"whole stage on a {size:.0f} MB chained corpus ({distinct} unrelated documents per "
+        "block of 575 in near-duplicate groups), 2 CPUs, beside datatrove's MinHash:"
+    )
+    for mode in seconds:
+        print(
+            f"  meshline {mode:>10}: {size / seconds[mode]:6.2f} MB/s "
+            f"({seconds[mode]:6.1f} s, {removed[mode]} near-duplicates removed) "
+            f"{baseline.seconds / seconds[mode]:5.1f}x datatrove"
+        )
+    steps = ", ".join(f"{k} {v:.0f} s" for k, v in baseline.step_seconds.items())
+    print(
+        f"  datatrove {'minhash':>9}: {size / baseline.seconds:6.2f} MB/s "
+        f"({baseline.seconds:6.1f} s: {steps}; {len(baseline.removed)} removed)   1.0x"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docs", type=int, default=1500)
     parser.add_argument("--sizes", type=float, nargs=2, default=[4.0, 8.0])
+    parser.add_argument("--clustering-mb", type=float, default=None)
+    parser.add_argument(
+        "--distinct",
+        type=int,
+        default=5000,
+        help="unrelated documents per block of the chained corpus (5000: 10%% in groups)",
+    )
     args = parser.parse_args()
+    if args.clustering_mb:
+        work = Path(tempfile.mkdtemp(prefix="dedup-clustering-"))
+        try:
+            clustering_runs(args.clustering_mb, args.distinct, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return
     texts = corpus(args.docs, 0)
     mb = sum(len(t) for t in texts) / 1e6
     base = datasketch_baseline(texts[: len(texts) // 4]) * 4

@@ -2,7 +2,9 @@
 files.
 
 ``reader`` streams JSON lines (plain, zstd, gzip) and Parquet, ``minhash`` hashes texts,
-``components`` joins candidate pairs into clusters, ``units`` and ``phases`` do each phase's
+``survivors`` decides which near-duplicates are removed for which kept ones (the greedy
+independent set), ``components`` holds the graph shuffle, connected components and the
+grouping into clusters, ``units`` and ``phases`` do each phase's
 work on one unit, and ``stage`` runs the phases and registers the stage (importing this
 package registers it).
 """

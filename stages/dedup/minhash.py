@@ -335,19 +335,30 @@ def pair_jaccard(
     values: np.ndarray, offsets: np.ndarray, a: np.ndarray, b: np.ndarray
 ) -> np.ndarray:
     """Exact Jaccard similarity of sets ``a[k]`` and ``b[k]`` for every k, where set i is
-    ``values[offsets[i]:offsets[i + 1]]`` (sorted, unique, as ``shingle_sets`` gives)."""
-    pairs = np.arange(len(a))
+    ``values[offsets[i]:offsets[i + 1]]`` (sorted, unique, as ``shingle_sets`` gives).
+
+    Each member becomes ``k << 32 | rank`` (rank: its index among the distinct values, so
+    equal only for equal shingles), and one sort of those int64s puts the members the two
+    sets of pair k share side by side: a third of the time of sorting (pair, value) rows."""
+    if len(a) >= 1 << 31:
+        raise ValueError(f"{len(a)} pairs in one call: at most 2^31 - 1")
+    pairs = np.arange(len(a), dtype=np.int64)
     len_a, len_b = offsets[a + 1] - offsets[a], offsets[b + 1] - offsets[b]
+    _, rank = np.unique(values, return_inverse=True)
+    rank = rank.astype(np.int64)
 
     def gather(sets: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         starts = np.repeat(offsets[sets] - np.cumsum(lengths) + lengths, lengths)
-        return values[starts + np.arange(int(lengths.sum()))]
+        return rank[starts + np.arange(int(lengths.sum()))]
 
-    pair = np.concatenate([np.repeat(pairs, len_a), np.repeat(pairs, len_b)])
-    value = np.concatenate([gather(a, len_a), gather(b, len_b)])
-    order = np.lexsort((value, pair))
-    pair, value = pair[order], value[order]
-    shared = (pair[1:] == pair[:-1]) & (value[1:] == value[:-1])
-    inter = np.bincount(pair[1:][shared], minlength=len(a))
+    packed = np.concatenate(
+        [
+            (np.repeat(pairs, len_a) << 32) | gather(a, len_a),
+            (np.repeat(pairs, len_b) << 32) | gather(b, len_b),
+        ]
+    )
+    packed.sort()
+    shared = packed[1:][packed[1:] == packed[:-1]]
+    inter = np.bincount(shared >> 32, minlength=len(a))
     union = len_a + len_b - inter
     return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
