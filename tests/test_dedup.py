@@ -83,6 +83,30 @@ def test_no_document_is_removed_without_a_kept_one_near_it(ray_cluster, chained,
     assert below >= len(components.without_kept_neighbour) > 0
 
 
+def test_greedy_clusters_are_the_same_bytes_for_any_workers_and_after_a_kill(
+    ray_cluster, chained, tmp_path
+):
+    _, download = chained
+    common = {"unit_docs": 300, "partitions": 4}
+    one = tmp_path / "one"
+    run_dedup(download, one, parse_concurrency=1, max_workers=1, **common)
+    two = tmp_path / "two"
+    run_dedup(download, two, parse_concurrency=2, max_workers=2, keep_intermediate=True, **common)
+    expected = output_files(one)
+    assert output_files(two) == expected
+    # Killed while committing the near phase: two of its four partitions had committed.
+    forget(
+        two,
+        lambda name: (
+            name.split("/")[0] in ("parse", "parsed", "exact", "sig")
+            or name in ("clusters/0000", "clusters/0003")
+        ),
+    )
+    run_dedup(download, two, **common)
+    assert output_files(two) == expected
+    assert Ledger(str(two)).digest() == Ledger(str(one)).digest()
+
+
 def mixed_download(root: Path) -> str:
     """Two train files (exact copies across them, a near copy, malformed lines), an empty
     train file, and val/test documents that train also holds."""
