@@ -4,9 +4,9 @@ files.
 ``reader`` streams JSON lines (plain, zstd, gzip) and Parquet, ``minhash`` hashes texts,
 ``survivors`` decides which near-duplicates are removed for which kept ones (the greedy
 independent set), ``components`` holds the graph shuffle, connected components and the
-grouping into clusters, ``units`` and ``phases`` do each phase's
-work on one unit, and ``stage`` runs the phases and registers the stage (importing this
-package registers it).
+grouping into clusters, ``report`` builds ``report.json``, ``units`` and ``phases`` do
+each phase's work on one unit, and ``stage`` runs the phases and registers the stage
+(importing this package registers it).
 """
 
 from stages.dedup.config import DedupConfig

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -304,6 +305,35 @@ class PairVerifier:
         return pc.list_flatten(sets).to_numpy(), offsets
 
 
+def _component_counts(
+    rows: Iterable[tuple[int, str, str, int]],
+    near: dict[int, float],
+    sizes: dict[int, int],
+    threshold: float,
+) -> dict[str, dict[str, int]]:
+    """Per component, of a unit's (doc_key, component, text, removal reason) rows: the
+    documents in, removed for each reason and out, and the near-duplicate clusters kept."""
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for key, name, text, reason in rows:
+        c = counts[name]
+        c["docs_in"] += 1
+        if reason == EXACT_DUP:
+            c["exact_duplicates"] += 1
+        elif reason == NEAR_DUP:
+            c["near_duplicates"] += 1
+            # Measured where shingle sets are kept (verify); NaN compares False.
+            c["near_below_threshold"] += int(near[key] < threshold)
+        elif reason == CONTAMINATED:
+            c["decontaminated"] += 1
+        else:
+            c["docs_out"] += 1
+            c["bytes_out"] += len(text.encode("utf-8"))
+        if key in sizes:
+            c["near_clusters"] += 1
+            c["largest_cluster"] = max(c["largest_cluster"], sizes[key])
+    return {n: dict(sorted(c.items())) for n, c in sorted(counts.items())}
+
+
 def write_output(
     output: str,
     unit: dict[str, Any],
@@ -341,27 +371,10 @@ def write_output(
             "doc_id": pa.array([f"{unit['file']}:{n}" for n in line[keep].tolist()], pa.string()),
         }
     )
-    counts: dict[str, Counter] = defaultdict(Counter)
-    for key, name, text, reason in zip(keys.tolist(), names, texts, reasons.tolist(), strict=True):
-        c = counts[name]
-        c["docs_in"] += 1
-        if reason == EXACT_DUP:
-            c["exact_duplicates"] += 1
-        elif reason == NEAR_DUP:
-            c["near_duplicates"] += 1
-            # Measured where shingle sets are kept (verify); NaN compares False.
-            c["near_below_threshold"] += int(near[key] < config.threshold)
-        elif reason == CONTAMINATED:
-            c["decontaminated"] += 1
-        else:
-            c["docs_out"] += 1
-            c["bytes_out"] += len(text.encode("utf-8"))
-        if key in sizes:
-            c["near_clusters"] += 1
-            c["largest_cluster"] = max(c["largest_cluster"], sizes[key])
+    rows = zip(keys.tolist(), names, texts, reasons.tolist(), strict=True)
     metadata = {
         "split": unit["split"],
-        "components": {n: dict(sorted(c.items())) for n, c in sorted(counts.items())},
+        "components": _component_counts(rows, near, sizes, config.threshold),
     }
     with Ledger(output).unit(f"out/{unit['split']}/{part:05d}") as committed:
         write_parquet(committed, f"{unit['split']}/part-{part:05d}.parquet", out)

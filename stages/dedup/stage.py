@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -52,6 +52,7 @@ from stages.dedup.phases import (
     write_output,
 )
 from stages.dedup.reader import MalformedLine, ReadError
+from stages.dedup.report import build_report, record_report
 from stages.dedup.survivors import greedy_removals
 from stages.dedup.units import (
     LINE_BITS,
@@ -67,19 +68,6 @@ log = logging.getLogger("meshline.dedup")
 
 REPORT_UNIT = "report"
 REPORT_FILE = "report.json"
-COUNTS = (
-    "docs_in",
-    "exact_duplicates",
-    "near_duplicates",
-    "near_below_threshold",
-    "near_clusters",
-    "largest_cluster",
-    "decontaminated",
-    "docs_out",
-    "bytes_out",
-)
-LARGEST = "largest_cluster"
-"""The one count that is a maximum over units, not a sum."""
 
 
 class DedupError(Exception):
@@ -307,93 +295,6 @@ def write_all(
     return [ctx.ledger.record(n)["metadata"] for n in names]
 
 
-def _merge(into: Counter, counts: dict[str, int]) -> None:
-    """Add a unit's counts to ``into``; the largest cluster is a maximum, not a sum."""
-    for key, value in counts.items():
-        into[key] = max(into[key], value) if key == LARGEST else into[key] + value
-
-
-def _doc_id(key: int, files: list[tuple[str, str]]) -> str:
-    return f"{files[key >> LINE_BITS][0]}:{key & ((1 << LINE_BITS) - 1)}"
-
-
-def build_report(
-    units: list[dict],
-    shards: list[dict],
-    clusters: dict[str, Any],
-    files: list[tuple[str, str]],
-    config: DedupConfig,
-) -> dict[str, Any]:
-    """report.json: counts per split and pile_set_name, malformed lines per file, the LSH
-    parameters and the largest clusters."""
-    splits: dict[str, dict[str, Counter]] = defaultdict(lambda: defaultdict(Counter))
-    for shard in shards:
-        for name, counts in shard["components"].items():
-            _merge(splits[shard["split"]][name], counts)
-    components: dict[str, Counter] = defaultdict(Counter)
-    for per_name in splits.values():
-        for name, counts in per_name.items():
-            _merge(components[name], counts)
-    malformed: dict[str, dict[str, Any]] = {}
-    for unit in units:
-        if unit["malformed"]:
-            entry = malformed.setdefault(unit["file"], {"count": 0, "lines": []})
-            entry["count"] += unit["malformed"]
-            entry["lines"] += unit["malformed_lines"]
-    bands, rows = config.band_shape()
-
-    def table(per_name: dict[str, Counter]) -> dict[str, dict[str, int]]:
-        return {n: {k: int(c[k]) for k in COUNTS} for n, c in sorted(per_name.items())}
-
-    def total(per_name: dict[str, Counter]) -> dict[str, int]:
-        merged: Counter = Counter()
-        for counts in per_name.values():
-            _merge(merged, counts)
-        return {k: int(merged[k]) for k in COUNTS}
-
-    return {
-        "totals": {**total(components), "malformed": sum(m["count"] for m in malformed.values())},
-        "components": table(components),
-        "splits": {
-            s: {"totals": total(splits[s]), "components": table(splits[s])} for s in sorted(splits)
-        },
-        "malformed": malformed,
-        "near": {
-            "enabled": config.near,
-            "bands": bands,
-            "rows": rows,
-            "threshold": config.threshold,
-            "clustering": config.clustering,
-            "pair_window": config.pair_window,
-            "verify": config.verify,
-            # Without verify the shingle sets are not kept: near_below_threshold is not
-            # measured and reads 0.
-            "similarity_measured": config.verify,
-            "candidate_pairs": clusters.get("candidate_pairs", 0),
-            "verified_pairs": clusters.get("verified_pairs"),
-            "verify_rejected": clusters.get("verify_rejected", 0),
-            "clusters": clusters.get("clusters", 0),
-            "cluster_samples": [
-                {
-                    "size": s["size"],
-                    "representative": _doc_id(s["root"], files),
-                    "members": [_doc_id(m, files) for m in s["members"]],
-                }
-                for s in clusters.get("samples", [])
-            ],
-        },
-    }
-
-
-def _record(ctx: StageContext, report: dict[str, Any], seconds: float) -> None:
-    metrics: dict[str, float] = {k: float(v) for k, v in report["totals"].items()}
-    for name, counts in report["components"].items():
-        for key, value in counts.items():
-            metrics[f"{key}.{name}"] = float(value)
-    metrics["seconds"] = seconds
-    ctx.record(**metrics)
-
-
 def deduplicate(ctx: StageContext) -> None:
     """Every phase in order, each skipping what its ledger holds; commits the report last."""
     config: DedupConfig = ctx.config
@@ -453,4 +354,4 @@ def run(ctx: StageContext) -> None:
             totals["largest_cluster"],
             below,
         )
-    _record(ctx, report, seconds)
+    record_report(ctx, report, seconds)
