@@ -9,6 +9,7 @@ datatrove_baseline.py``), same files and cores.
     python benchmarks/dedup.py [--docs 2000] [--sizes 4 8]
     pip install datatrove spacy   # for --clustering-mb
     python benchmarks/dedup.py --clustering-mb 100
+    python benchmarks/dedup.py --study-window   # pairing window and band shape vs the rule
 
 Signatures: the same documents, word 5-grams (lowercased), 256 slots, one core; datasketch
 gets its fastest path (``MinHash.update_batch`` over the encoded shingles). The stage runs
@@ -39,9 +40,12 @@ from tests.dedup_corpus import (  # noqa: E402
     edited,
     encoded,
     make_download,
+    output_rows,
     pile_record,
     random_text,
+    rule_figures,
     run_dedup,
+    similar_pairs,
 )
 
 NUM_PERM = 256
@@ -200,6 +204,43 @@ def clustering_runs(mb: float, distinct: int, work: Path) -> None:
     )
 
 
+STUDY = (
+    ("clustering: components", {"clustering": "components", "fp_weight": 0.5, "fn_weight": 0.5}),
+    ("window 2, bands 25x10", {"pair_window": 2, "fp_weight": 0.5, "fn_weight": 0.5}),
+    ("window 8, bands 25x10", {"pair_window": 8, "fp_weight": 0.5, "fn_weight": 0.5}),
+    ("window 32, bands 25x10", {"pair_window": 32, "fp_weight": 0.5, "fn_weight": 0.5}),
+    ("window 8, bands 32x8 (default)", {}),
+    ("window 32, bands 32x8", {"pair_window": 32}),
+)
+"""Settings the pairing study compares (fn/fp weights 0.5 give 25x10 bands at 0.7)."""
+
+
+def window_study(work: Path) -> None:
+    """Candidate pairs, verified pairs and the near-duplicate rule against exact Jaccard, on
+    ``tests/test_dedup.py``'s chained corpus, for pairing windows and band shapes."""
+    import ray
+
+    corpus = chained_corpus(0, families=40, chains=30, templates=6, distinct=300)
+    pairs = similar_pairs(corpus.docs, 0.7)
+    text = "".join(json.dumps(pile_record(d)) + "\n" for d in corpus.docs)
+    download = make_download(work / "dl", {"train/00.jsonl.zst": text})
+    print(f"pairing study: {len(corpus.docs)} documents, {len(pairs)} pairs >= 0.7 (exact)")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        for k, (label, settings) in enumerate(STUDY):
+            out = work / f"out-{k}"
+            run_dedup(download, out, unit_docs=300, partitions=4, **settings)
+            near = json.loads((out / "report.json").read_text())["near"]
+            kept = {int(r["doc_id"].rsplit(":", 1)[1]) - 1 for r in output_rows(out)}
+            figures = rule_figures(len(corpus.docs), kept, pairs)
+            print(
+                f"  {label:>30}: {near['candidate_pairs']:6d} candidates, "
+                f"{near['verified_pairs']:6d} verified; " + figures.line("").lstrip(": ")
+            )
+    finally:
+        ray.shutdown()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docs", type=int, default=1500)
@@ -211,7 +252,15 @@ def main() -> None:
         default=5000,
         help="unrelated documents per block of the chained corpus (5000: 10%% in groups)",
     )
+    parser.add_argument("--study-window", action="store_true")
     args = parser.parse_args()
+    if args.study_window:
+        work = Path(tempfile.mkdtemp(prefix="dedup-study-"))
+        try:
+            window_study(work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return
     if args.clustering_mb:
         work = Path(tempfile.mkdtemp(prefix="dedup-clustering-"))
         try:
