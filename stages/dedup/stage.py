@@ -220,14 +220,15 @@ def find_clusters(ctx: StageContext, train: list[dict], placement: Placement) ->
             ),
             **placement.data_options(),
         ).materialize()
+    linked = edges.count()
     cluster_of = greedy_removals if config.clustering == "greedy" else connected_components
     removed = cluster_of(edges.to_arrow_refs(), config.partitions)
     clusters = clusters_by_kept(removed, config.partitions)
     summary = {
         "clusters": clusters.clusters,
         "candidate_pairs": candidates,
-        "verified_pairs": edges.count() if config.verify else None,
-        "verify_rejected": candidates - edges.count(),
+        "verified_pairs": linked if config.verify else None,
+        "verify_rejected": candidates - linked,
         "samples": [
             {"size": s.size, "root": s.root, "members": s.members}
             for s in clusters.samples[: config.cluster_samples]

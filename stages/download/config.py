@@ -26,8 +26,8 @@ class DownloadConfig(StageConfig):
     checksums: str | dict[str, str] | None = None
     """Expected sha256 of every file: a ``SHA256SUMS``-style file or an earlier download's
     ``manifest.json`` (URL or path; relative is joined to ``base_url``), or an inline mapping
-    name -> sha256. Names are paths relative to
-    ``base_url``, or basenames. When given, every source must be listed."""
+    name -> sha256. Names are paths relative to ``base_url``, or basenames. When given,
+    every source must be listed."""
     concurrency: int = Field(default=4, ge=1)
     """Files fetched at the same time (one Ray task each)."""
     retries: int = Field(default=5, ge=0)

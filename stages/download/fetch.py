@@ -78,8 +78,8 @@ def download_file(
     output: str, item: FileItem, config: DownloadConfig, hub_token: str | None
 ) -> Fetched:
     """Fetch one file into its ledger unit under ``output``, showing ``hub_token`` (given
-    for a hub file) to its server. A checksum mismatch is retried once from scratch, as is a resume
-    the server answers with the whole file."""
+    for a hub file) to its server. A checksum mismatch is retried once from scratch, as is
+    a resume the server answers with the whole file."""
     ledger = Ledger(output)
     session = token_session(hub_token)
     mismatches = restarts = 0
