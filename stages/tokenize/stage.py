@@ -32,9 +32,7 @@ import numpy as np
 from pipeline import storage
 from pipeline.progress import report
 from pipeline.stage import StageContext, register
-from stages.tokenize.bpe import load_gpt2, train_bpe
 from stages.tokenize.config import Gpt2TokenizerConfig, TokenizeConfig
-from stages.tokenize.encoding import encoded_batches
 from stages.tokenize.manifest import (
     MANIFEST_UNIT,
     TOKENIZER_DIR,
@@ -60,6 +58,9 @@ TOKENIZER_UNIT = "tokenizer"
 
 def _make_tokenizer(ctx: StageContext, config: TokenizeConfig) -> Tokenizer:
     """GPT-2's tokenizer from its source, or a BPE trained on a sample of dedup's train."""
+    # Loaded when the stage runs, as Ray Data is (see tokenize_parts).
+    from stages.tokenize.bpe import load_gpt2, train_bpe
+
     spec = config.tokenizer
     if isinstance(spec, Gpt2TokenizerConfig):
         return load_gpt2(spec.source, spec.sha256, config.seq_len)
@@ -135,6 +136,10 @@ def tokenize_parts(
             "tokenize: %s: %d documents, %d tokens", part.unit, totals.documents, totals.tokens
         )
         report(len(pending) - len(waiting), len(pending), "parts", tokens=run_totals.tokens)
+
+    # Ray Data loads here, not with the package: training hosts import this package for its
+    # reader and manifest, and Ray's import was a sixth of their start-up.
+    from stages.tokenize.encoding import encoded_batches
 
     batches = encoded_batches(pending, storage.join(ctx.output, TOKENIZER_DIR), config)
     for source, group in groupby(batches, key=lambda r: r.source):

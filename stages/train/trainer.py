@@ -175,7 +175,6 @@ class Trainer:
         self.tx = optim.optimizer(config.optimizer, config.micro_batches)
         self.learning_rate = optim.schedule(config.optimizer)
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
-        self.param_shardings = sharding.param_shardings(self.model, self.mesh)
         self.rows_sharding = sharding.micro_batch_sharding(self.mesh)
         self.val_sharding = sharding.batch_sharding(self.mesh)
         micro = config.global_batch // config.micro_batches
@@ -187,8 +186,10 @@ class Trainer:
         self._compile()
 
     def _compile(self) -> None:
-        # In the context initial_state runs in, so that both share one trace of the model.
+        # In the context initial_state runs in, so that the shardings' logical axes, the state's
+        # shapes and the initial state all come from one trace of the model.
         with sharding.activation_sharding(self.mesh):
+            self.param_shardings = sharding.param_shardings(self.model, self.mesh)
             init = partial(sharding.init_sharded, self.model, self.mesh)
             params = jax.eval_shape(init, _key(0))
         opt_state = jax.eval_shape(self.tx.init, params)
@@ -198,6 +199,22 @@ class Trainer:
             opt_state,
             self.param_shardings,
             transform_non_params=lambda _: self.replicated,
+        )
+        # The whole state's shapes, dtypes and shardings: what a checkpoint restores into.
+        shapes = {
+            "params": params,
+            "opt_state": opt_state,
+            "rng": jax.eval_shape(lambda: jax.random.key_data(_key(0))),
+        }
+        shardings = {
+            "params": self.param_shardings,
+            "opt_state": self.opt_shardings,
+            "rng": self.replicated,
+        }
+        self.abstract_state = jax.tree.map(
+            lambda shape, where: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=where),
+            shapes,
+            shardings,
         )
         step = partial(
             optim.train_step, self.model, self.tx, self.learning_rate, z_loss=self.config.z_loss
@@ -224,42 +241,38 @@ class Trainer:
             }
         return state
 
-    def _abstract(self, state: dict) -> dict:
-        return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-
-    def _from_pretrained(self, state: dict) -> tuple[dict, int]:
+    def _from_pretrained(self) -> tuple[dict, int]:
         """The state and step to start from with ``init_from``: its whole state and step with
         ``init_optimizer``, else its params alone (so a params-only checkpoint, an imported
         Hugging Face model, also serves) at step 0."""
         source = self.config.init_from
         assert source is not None
         directory = checkpoints_dir(train_output_of(source))
-        abstract = self._abstract(state)
         with ocp.CheckpointManager(directory) as other:
             step = other.latest_step()
             if step is None:
                 raise FileNotFoundError(f"init_from {source}: no checkpoint in {directory}")
             if self.config.init_optimizer:
-                state, start, _ = restore_checkpoint(other, step, abstract)
+                state, start, _ = restore_checkpoint(other, step, self.abstract_state)
             else:
-                params = restore_params(other, step, abstract["params"])
-                state, start = {**state, "params": params}, 0
+                params = restore_params(other, step, self.abstract_state["params"])
+                state, start = {**self.initial_state(), "params": params}, 0
         log.info("initialised from %s step %d", directory, step)
         return state, start
 
     def _starting_state(self, manager: ocp.CheckpointManager) -> tuple[dict, int, Position]:
         """State, step and loader position to start from: the latest checkpoint of this run,
-        else ``init_from``, else fresh."""
-        state = self.initial_state()
+        else ``init_from``, else fresh. A restore needs only the state's shapes: making a fresh
+        state first would double the state's memory while the checkpoint loads."""
         latest = manager.latest_step()
         if latest is not None:
-            state, start, position = restore_checkpoint(manager, latest, self._abstract(state))
+            state, start, position = restore_checkpoint(manager, latest, self.abstract_state)
             log.info("resumed from step %d (loader %s)", start, position)
             return state, start, position
         if self.config.init_from:
-            state, start = self._from_pretrained(state)
+            state, start = self._from_pretrained()
             return state, start, Position()
-        return state, 0, Position()
+        return self.initial_state(), 0, Position()
 
     def _loader(self, position: Position) -> Loader:
         """The training rows from ``position`` on: this host's columns of each batch."""
