@@ -84,9 +84,10 @@ def test_the_executor_knows_no_stage() -> None:
     assert not [m for m in reach if m.startswith("stages")]
 
 
-def test_the_model_and_its_training_step_import_without_ray_or_mlflow() -> None:
+def test_the_model_its_training_step_and_host_import_without_ray_or_mlflow() -> None:
     """``benchmarks/train.py`` runs on accelerator hosts that have neither (a bare image: JAX,
-    flax, optax, torch and the small wheels carried with it)."""
+    flax, optax, torch and the small wheels carried with it); a training host that loaded Ray
+    for nothing would start a second later."""
     import subprocess
     import sys
 
@@ -98,7 +99,7 @@ def test_the_model_and_its_training_step_import_without_ray_or_mlflow() -> None:
         "            raise ImportError(f'{name} is not on this host')\n"
         "sys.meta_path.insert(0, Block())\n"
         "import stages.train.model, stages.train.optim, stages.train.sharding\n"
-        "import stages.train.mfu, benchmarks.train\n"
+        "import stages.train.mfu, stages.train.trainer, benchmarks.train\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", blocker], cwd=REPO, capture_output=True, text=True, timeout=120
