@@ -7,13 +7,16 @@ Each measurement is one training host started as a fresh process
 the process's start to its first step record: Python and JAX start-up, the data, building the
 state, compiling (or loading) the programs and one step. "cold" starts with an empty cache
 directory, "warm" with the directory the cold run filled; "off" runs without a cache, as
-before the pipeline kept one. The goal: warm at most a third of cold on the demo config. A
-second row per config starts the clock when the host's imports are done (Python, JAX's
-own ~1.8 s import, Ray, Orbax), which no cache can shorten.
+before the pipeline kept one. Two scenarios: "fresh", a run's first start (the state
+initialised), and "resumed", a restart after a preemption (the state restored from a
+checkpoint an earlier host saved). The goal: warm at most a third of cold on the demo config.
+A second row per scenario starts the clock when the host's imports are done (Python, JAX's
+own ~1.8 s import, Orbax), which no cache can shorten.
 
-Configs: ``demo`` is ``configs/demo.yaml``'s train stage (gptj-tiny, vocabulary 4096, 8 rows
-of 512 tokens, one device); ``100m`` is ``benchmarks/model.py``'s 100m shape (GPT-J at GPT-2
-small width, vocabulary 50400), 2 rows of 512 tokens.
+Configs: ``demo`` is ``configs/demo.yaml``'s train stage as it is (gptj-tiny, vocabulary
+4096, bfloat16, 8 rows of 512 tokens, one device); ``100m`` is that stage with
+``benchmarks/model.py``'s 100m shape (GPT-J at GPT-2 small width, vocabulary 50400) and 2
+rows.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -28,26 +32,24 @@ import tempfile
 import time
 
 import numpy as np
+import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 SEQ_LEN = 512
+HUNDRED_M = dict(vocab_size=50400, d_model=768, n_layers=12, n_heads=12, d_ff=3072, rotary_dim=64)
+
+
+def demo_train() -> dict:
+    """``configs/demo.yaml``'s train stage."""
+    with open(os.path.join(ROOT, "configs", "demo.yaml")) as f:
+        return yaml.safe_load(f)["stages"]["train"]
+
+
 CONFIGS = {
-    "demo": dict(
-        model="gptj-tiny",
-        model_overrides={"vocab_size": 4096},
-        global_batch=8,
-        vocab=4096,
-    ),
-    "100m": dict(
-        model="gptj-tiny",
-        model_overrides=dict(
-            vocab_size=50400, d_model=768, n_layers=12, n_heads=12, d_ff=3072, rotary_dim=64
-        ),
-        global_batch=2,
-        vocab=50400,
-    ),
+    "demo": demo_train(),
+    "100m": {**demo_train(), "model_overrides": HUNDRED_M, "global_batch": 2},
 }
 
 
@@ -81,19 +83,19 @@ def synthetic_tokenized(out: str, seq: int, rows: int, vocab: int) -> str:
     return out
 
 
-def train_config(name: str, cache: str | None) -> str:
-    """The train config of ``name`` with ``cache`` as its compilation cache. Two steps: the
-    last step validates before its record, and the first record should be a step alone."""
-    spec = {k: v for k, v in CONFIGS[name].items() if k != "vocab"}
+def train_config(name: str, cache: str | None, steps: int) -> str:
+    """``name``'s train stage run to ``steps`` with ``cache`` as its compilation cache, a
+    checkpoint at the end only. Every step is recorded, and the last validates before its
+    record, so a run's first record is a step alone when ``steps`` > 1 more than it starts
+    from."""
     return json.dumps(
         {
-            **spec,
-            "dtype": "float32",
-            "steps": 2,
+            **CONFIGS[name],
+            "steps": steps,
+            "log_every": 1,
             "checkpoint_every": 1000,
             "val_every": 1000,
             "val_batches": 1,
-            "optimizer": {"warmup_steps": 1, "anneal_steps": 10},
             "peak_flops_per_device": 1e11,
             "compilation_cache": cache,
         }
@@ -135,21 +137,25 @@ def first_step_seconds(config: str, tokenized: str, output: str) -> tuple[float,
 
 
 def measure(name: str, work: str, repeats: int) -> dict[str, list[float]]:
-    """Cold, warm and cache-off times of ``name``, ``repeats`` rounds each."""
-    tokenized = synthetic_tokenized(
-        os.path.join(work, f"tok-{name}"), SEQ_LEN, 64, CONFIGS[name]["vocab"]
-    )
+    """Cold, warm and cache-off times of ``name`` in both scenarios, ``repeats`` rounds each,
+    keyed ``"{scenario} {kind}"`` (and ``"... after imports"``)."""
+    vocab = int(CONFIGS[name]["model_overrides"]["vocab_size"])
+    tokenized = synthetic_tokenized(os.path.join(work, f"tok-{name}"), SEQ_LEN, 64, vocab)
+    preempted = os.path.join(work, f"preempted-{name}")
+    first_step_seconds(train_config(name, None, 1), tokenized, preempted)
     times: dict[str, list[float]] = {}
     for round_ in range(repeats):
-        cache = os.path.join(work, f"cache-{name}-{round_}")
-        runs = [("off", None), ("cold", cache), ("warm", cache)]
-        for kind, directory in runs:
-            output = os.path.join(work, f"out-{name}-{round_}-{kind}")
-            total, after_imports = first_step_seconds(
-                train_config(name, directory), tokenized, output
-            )
-            times.setdefault(kind, []).append(total)
-            times.setdefault(f"{kind} after imports", []).append(after_imports)
+        for scenario in ("fresh", "resumed"):
+            cache = os.path.join(work, f"cache-{name}-{round_}-{scenario}")
+            for kind, directory in (("off", None), ("cold", cache), ("warm", cache)):
+                output = os.path.join(work, f"out-{name}-{round_}-{scenario}-{kind}")
+                if scenario == "resumed":
+                    shutil.copytree(preempted, output)
+                config = train_config(name, directory, 2 if scenario == "fresh" else 3)
+                total, after_imports = first_step_seconds(config, tokenized, output)
+                key = f"{scenario} {kind}"
+                times.setdefault(key, []).append(total)
+                times.setdefault(f"{key} after imports", []).append(after_imports)
     return times
 
 
@@ -159,17 +165,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=2, help="rounds of off, cold, warm")
     args = parser.parse_args(argv)
     print(f"time to first training step, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
-    print(f"{'config':<8}{'from':<16}{'off s':>9}{'cold s':>9}{'warm s':>9}{'warm/cold':>11}")
+    print(
+        f"{'config':<8}{'scenario':<10}{'from':<16}"
+        f"{'off s':>9}{'cold s':>9}{'warm s':>9}{'warm/cold':>11}"
+    )
     with tempfile.TemporaryDirectory() as work:
         for name in args.configs.split(","):
             times = measure(name, work, args.repeats)
-            for start, suffix in (("process start", ""), ("imports done", " after imports")):
-                off, cold, warm = (
-                    statistics.median(times[k + suffix]) for k in ("off", "cold", "warm")
-                )
-                print(
-                    f"{name:<8}{start:<16}{off:>9.1f}{cold:>9.1f}{warm:>9.1f}{warm / cold:>11.2f}"
-                )
+            for scenario in ("fresh", "resumed"):
+                for start, suffix in (("process start", ""), ("imports done", " after imports")):
+                    off, cold, warm = (
+                        statistics.median(times[f"{scenario} {kind}{suffix}"])
+                        for kind in ("off", "cold", "warm")
+                    )
+                    print(
+                        f"{name:<8}{scenario:<10}{start:<16}"
+                        f"{off:>9.1f}{cold:>9.1f}{warm:>9.1f}{warm / cold:>11.2f}"
+                    )
             each = {kind: [round(t, 1) for t in runs] for kind, runs in times.items()}
             print(f"{'':<8}each run: {json.dumps(each)}")
 
