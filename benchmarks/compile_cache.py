@@ -47,10 +47,8 @@ def demo_train() -> dict:
         return yaml.safe_load(f)["stages"]["train"]
 
 
-CONFIGS = {
-    "demo": demo_train(),
-    "100m": {**demo_train(), "model_overrides": HUNDRED_M, "global_batch": 2},
-}
+DEMO = demo_train()
+CONFIGS = {"demo": DEMO, "100m": {**DEMO, "model_overrides": HUNDRED_M, "global_batch": 2}}
 
 
 def synthetic_tokenized(out: str, seq: int, rows: int, vocab: int) -> str:
@@ -84,10 +82,9 @@ def synthetic_tokenized(out: str, seq: int, rows: int, vocab: int) -> str:
 
 
 def train_config(name: str, cache: str | None, steps: int) -> str:
-    """``name``'s train stage run to ``steps`` with ``cache`` as its compilation cache, a
-    checkpoint at the end only. Every step is recorded, and the last validates before its
-    record, so a run's first record is a step alone when ``steps`` > 1 more than it starts
-    from."""
+    """``name``'s train stage run to ``steps`` with ``cache`` as its compilation cache and a
+    checkpoint at the end only. Every step is recorded and only the last validates, so a
+    run that does two steps or more records its first step alone."""
     return json.dumps(
         {
             **CONFIGS[name],

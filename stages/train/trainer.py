@@ -232,14 +232,19 @@ class Trainer:
         ``init_from`` starts from."""
         with sharding.activation_sharding(self.mesh):
             params = sharding.init_sharded(self.model, self.mesh, _key(self.config.seed))
-            state = {
+        return self._state_around(params)
+
+    def _state_around(self, params: dict) -> dict:
+        """``params`` with a fresh optimiser state (its init reads only their shapes) and the
+        run's RNG."""
+        with sharding.activation_sharding(self.mesh):
+            return {
                 "params": params,
                 "opt_state": self.init_opt(params),
                 "rng": jax.make_array_from_process_local_data(
                     self.replicated, np.asarray(jax.random.key_data(_key(self.config.seed + 1)))
                 ),
             }
-        return state
 
     def _from_pretrained(self) -> tuple[dict, int]:
         """The state and step to start from with ``init_from``: its whole state and step with
@@ -256,7 +261,7 @@ class Trainer:
                 state, start, _ = restore_checkpoint(other, step, self.abstract_state)
             else:
                 params = restore_params(other, step, self.abstract_state["params"])
-                state, start = {**self.initial_state(), "params": params}, 0
+                state, start = self._state_around(params), 0
         log.info("initialised from %s step %d", directory, step)
         return state, start
 
